@@ -1,0 +1,220 @@
+"""The platform file's schema: every section forbids unknown keys so a typo is an error, not silence."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEEP_CONTEXT = "deep-context"
+FAST_AGENTIC = "fast-agentic"
+BUNDLED_PREFIX = "bundled:"
+_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- models and speculation -------------------------------------------------------------------
+
+
+class ModelConfig(Strict):
+    name: str = Field(pattern=_NAME)
+    source: str = Field(description="a local folder, or bundled:NAME for a model Bastion builds itself")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = Field(gt=0)
+
+    @property
+    def bundled_name(self) -> str | None:
+        return self.source[len(BUNDLED_PREFIX) :] if self.source.startswith(BUNDLED_PREFIX) else None
+
+
+class SpeculationOff(Strict):
+    method: Literal["off"] = "off"
+
+
+class NgramSpeculation(Strict):
+    method: Literal["ngram"]
+    num_speculative_tokens: int = Field(ge=1, le=8)
+    prompt_lookup_max: int = Field(default=4, ge=1)
+    prompt_lookup_min: int = Field(default=1, ge=1)
+
+
+class MtpSpeculation(Strict):
+    method: Literal["mtp"]
+    num_speculative_tokens: int = Field(ge=1, le=3)
+
+
+class DraftModelSpeculation(Strict):
+    method: Literal["draft_model"]
+    model: str = Field(description="name of a model in `models`")
+    num_speculative_tokens: int = Field(ge=1, le=8)
+
+
+Speculation = Annotated[
+    SpeculationOff | NgramSpeculation | MtpSpeculation | DraftModelSpeculation,
+    Field(discriminator="method"),
+]
+
+
+class ProfileConfig(Strict):
+    speculative: Speculation = SpeculationOff()
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    max_context: int | None = Field(default=None, gt=0, description="cap below the model's max_model_len")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
+
+
+# --- GPU pool and deployments ----------------------------------------------------------------
+
+
+class GpuClassConfig(Strict):
+    vram_gb: float = Field(gt=0)
+    bandwidth_gbps: float = Field(gt=0)
+    resource: str = Field(description="Ray custom resource that stands for one card of this class")
+
+
+class PoolNodeConfig(Strict):
+    name: str
+    gpu_class: str
+    count: int = Field(ge=1)
+
+
+class GpuPoolConfig(Strict):
+    classes: dict[str, GpuClassConfig] = Field(default_factory=dict)
+    nodes: list[PoolNodeConfig] = Field(default_factory=list)
+
+
+class DeploymentConfig(Strict):
+    """One engine deployment: a model served under a profile."""
+
+    model: str
+    profile: str
+    replicas: int = Field(default=1, ge=0)
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    gpu_class: str | None = None
+    gpus_per_replica: int = Field(default=0, ge=0)
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the replica process")
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}@{self.profile}"
+
+
+# --- tenants, auth, audit, telemetry, gateway --------------------------------------------------
+
+
+class LimitsConfig(Strict):
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrent_requests: int | None = Field(default=None, ge=1)
+    daily_token_budget: int | None = Field(default=None, ge=1)
+    monthly_token_budget: int | None = Field(default=None, ge=1)
+
+
+class TenantDefaultsConfig(Strict):
+    limits: LimitsConfig = LimitsConfig(requests_per_minute=600, tokens_per_minute=200_000, concurrent_requests=16)
+    allowed_profiles: list[str] = Field(default_factory=lambda: [DEEP_CONTEXT, FAST_AGENTIC])
+    default_profile: str | None = None
+
+
+class AuthConfig(Strict):
+    oidc_issuer: str | None = None
+    client_id: str | None = None
+    audience: str | None = None
+    api_key_pepper_file: Path | None = None
+
+
+class AuditConfig(Strict):
+    retention_days: int | None = Field(default=None, ge=1)
+    log_content: bool = False
+    signing_key_file: Path | None = None
+    content_key_file: Path | None = None
+
+
+class TelemetryConfig(Strict):
+    otlp_endpoint: str | None = None
+    service_name: str = "bastion"
+    max_tenant_labels: int = Field(default=50, ge=1)
+
+
+class GatewayConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+
+class DatabaseConfig(Strict):
+    url: str
+
+
+class RedisConfig(Strict):
+    url: str | None = None
+
+
+class RayConfig(Strict):
+    address: str | None = Field(default=None, description="None starts a local Ray on 127.0.0.1")
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
+# --- the platform file ---------------------------------------------------------------------------
+
+
+class PlatformConfig(Strict):
+    data_dir: Path
+    database: DatabaseConfig
+    redis: RedisConfig = RedisConfig()
+    ray: RayConfig = RayConfig()
+    models: list[ModelConfig]
+    profiles: dict[str, ProfileConfig]
+    deployments: list[DeploymentConfig]
+    gpu_pool: GpuPoolConfig = GpuPoolConfig()
+    tenant_defaults: TenantDefaultsConfig = TenantDefaultsConfig()
+    auth: AuthConfig = AuthConfig()
+    audit: AuditConfig = AuditConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    gateway: GatewayConfig = GatewayConfig()
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, ProfileConfig]) -> dict[str, ProfileConfig]:
+        for name in profiles:
+            if not re.match(_NAME, name):
+                raise ValueError(f"profile name {name!r} must match {_NAME}")
+        return profiles
+
+    @model_validator(mode="after")
+    def _references(self) -> PlatformConfig:
+        models = {m.name for m in self.models}
+        if len(models) != len(self.models):
+            raise ValueError("model names must be unique")
+        for p_name, profile in self.profiles.items():
+            spec = profile.speculative
+            if isinstance(spec, DraftModelSpeculation) and spec.model not in models:
+                raise ValueError(f"profiles.{p_name}.speculative.model: unknown model {spec.model!r}")
+        seen: set[str] = set()
+        for i, dep in enumerate(self.deployments):
+            if dep.model not in models:
+                raise ValueError(f"deployments.{i}.model: unknown model {dep.model!r}")
+            if dep.profile not in self.profiles:
+                raise ValueError(f"deployments.{i}.profile: unknown profile {dep.profile!r}")
+            if dep.gpu_class is not None and dep.gpu_class not in self.gpu_pool.classes:
+                raise ValueError(f"deployments.{i}.gpu_class: unknown GPU class {dep.gpu_class!r}")
+            if dep.name in seen:
+                raise ValueError(f"deployments.{i}: {dep.name} is listed twice")
+            seen.add(dep.name)
+        for i, node in enumerate(self.gpu_pool.nodes):
+            if node.gpu_class not in self.gpu_pool.classes:
+                raise ValueError(f"gpu_pool.nodes.{i}.gpu_class: unknown GPU class {node.gpu_class!r}")
+        for name in self.tenant_defaults.allowed_profiles:
+            if name not in self.profiles:
+                raise ValueError(f"tenant_defaults.allowed_profiles: unknown profile {name!r}")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)

@@ -1,0 +1,1 @@
+"""Tables, engines and sessions; the schema's history lives in migrations/."""
