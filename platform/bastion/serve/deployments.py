@@ -1,0 +1,40 @@
+"""The Ray Serve deployment around EngineReplica: Serve owns placement, health and restarts; the replica owns vLLM."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from bastion.engine.replica import EngineReplica
+from bastion.engine.spec import EngineSpec
+from bastion.serve.options import GRACEFUL_SHUTDOWN_S
+
+
+@serve.deployment
+class EngineDeployment:
+    """Ready only once the model is loaded: Serve routes to a replica after `__init__` returns."""
+
+    async def __init__(self, spec: EngineSpec) -> None:
+        self.replica = await EngineReplica.create(spec)
+
+    async def complete(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return await self.replica.complete(endpoint, body)  # type: ignore[arg-type]
+
+    async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        async for chunk in self.replica.stream(endpoint, body):  # type: ignore[arg-type]
+            yield chunk
+
+    async def count_prompt_tokens(self, endpoint: str, body: dict[str, Any]) -> int:
+        return await self.replica.count_prompt_tokens(endpoint, body)  # type: ignore[arg-type]
+
+    def stats(self) -> dict[str, Any]:
+        return self.replica.stats()
+
+    async def check_health(self) -> None:
+        await self.replica.check_health()
+
+    async def __del__(self) -> None:
+        # Serve stops sending new requests first; in-flight streams get the grace period to finish.
+        await self.replica.drain(GRACEFUL_SHUTDOWN_S - 5)
