@@ -12,6 +12,7 @@ from rich.console import Console
 from bastion import __version__
 from bastion.config import load_config
 from bastion.errors import BastionError
+from bastion.pool.command import plan as plan_command
 
 app = typer.Typer(
     help="Bastion: on-premise LLM serving with tenants, quotas, audit and MTP speculation.",
@@ -23,6 +24,7 @@ config_app = typer.Typer(help="Check the platform file.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.command("plan")(plan_command)
 
 out = Console()
 _state = {"debug": False}
