@@ -78,6 +78,109 @@ def db_current(config: ConfigOption = None) -> None:
 
     out.print(migrate.current(load_config(config).database.url))
 
+models_app = typer.Typer(
+    help="Local model folders: build the bundled model, write and check manifests.", no_args_is_help=True
+)
+bench_app = typer.Typer(
+    help="Benchmarks: each prints its figures and the command to record in docs/benchmarks.md.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=out)
+    task = progress.add_task("preparing", total=1)
+
+    def update(step: str, done: int, total: int) -> None:
+        progress.update(task, description=step, completed=done, total=max(total, 1))
+
+    return progress, update
+
+
+@models_app.command("prepare")
+def models_prepare(config: ConfigOption = None) -> None:
+    """Build bundled models into the data directory (once) and verify every model folder's manifest."""
+    from bastion.serve.runner import prepare_models
+
+    progress, update = _progress_bar()
+    with progress:
+        paths = prepare_models(load_config(config), update)
+    for path in paths:
+        out.print(f"ok {path}")
+
+
+@models_app.command("manifest")
+def models_manifest(folder: Annotated[Path, typer.Argument(help="model folder")]) -> None:
+    """Write the sha256 manifest of a model folder you trust (replicas verify it at start)."""
+    from bastion.engine.model_store import write_manifest
+
+    manifest = write_manifest(folder)
+    out.print(f"{len(manifest['files'])} files hashed into {folder}")
+
+
+@models_app.command("verify")
+def models_verify(folder: Annotated[Path, typer.Argument(help="model folder")]) -> None:
+    """Check a model folder against its manifest."""
+    from bastion.engine.model_store import verify_manifest
+
+    verify_manifest(folder)
+    out.print("ok")
+
+
+@app.command("serve")
+def serve_command(
+    config: ConfigOption = None,
+    export_serve_config: Annotated[
+        bool, typer.Option("--export-serve-config", help="print the equivalent Ray Serve config YAML and exit")
+    ] = False,
+) -> None:
+    """Run the Ray Serve application of the platform file (gateway + one engine deployment per profile)."""
+    from bastion.config import Settings
+
+    path = config or Settings().config
+    platform = load_config(path)
+    if export_serve_config:
+        import yaml
+
+        from bastion.serve.options import serve_config
+
+        sys.stdout.write(yaml.safe_dump(serve_config(platform, str(path)), sort_keys=False))
+        return
+    from bastion.serve import runner
+
+    runner.check_address(platform)
+    runner.prepare_models(platform)
+    runner.start_ray(platform)
+    runner.deploy(path)
+    out.print(f"Bastion is serving on http://{platform.gateway.host}:{platform.gateway.port}/v1 (Ctrl-C stops)")
+    runner.wait_forever()
+
+
+@bench_app.command("engine")
+def bench_engine(
+    config: ConfigOption = None,
+    max_tokens: Annotated[int, typer.Option(help="completion tokens per request")] = 128,
+    rounds: Annotated[int, typer.Option(help="passes over the prompt set per temperature")] = 1,
+) -> None:
+    """Decode tok/s of deep-context and fast-agentic on the same prompts (greedy and 0.7), and fast/deep."""
+    import json
+
+    from bastion.bench.engine import run_engine_bench
+
+    result = run_engine_bench(load_config(config), max_tokens=max_tokens, rounds=rounds)
+    for row in result["results"]:
+        out.print(
+            f"{row['profile']:<13} T={row['temperature']:<4} decode {row['decode_tok_s']:>7.2f} tok/s  "
+            f"acceptance {row['acceptance_rate'] if row['acceptance_rate'] is not None else '-'}"
+        )
+    for temperature, ratio in result["fast_over_deep"].items():
+        out.print(f"fast/deep at T={temperature}: {ratio}")
+    out.print_json(json.dumps(result))
+
+
 
 def main() -> None:
     """Entry point: turn Bastion's errors into one line on stderr and exit 1."""

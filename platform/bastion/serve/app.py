@@ -39,10 +39,23 @@ def engine_apps(config: PlatformConfig) -> list[EngineApp]:
     return apps
 
 
+def upstream_info(engine: EngineApp) -> dict[str, Any]:
+    return {
+        "name": engine.name,
+        "model": engine.model,
+        "profile": engine.profile,
+        "max_context": engine.max_context,
+        "max_ongoing_requests": engine.max_ongoing_requests,
+    }
+
+
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve's application builder (`import_path` in the Serve config): reads the platform file in `args`."""
-    config = load_config(args["config"])
-    apps = engine_apps(config)
-    if len(apps) == 1:
-        return apps[0].app
-    raise NotImplementedError("several engine deployments need the gateway ingress")
+    """Serve's application builder (`import_path` in the Serve config): reads the platform file in `args`.
+
+    The gateway ingress gets a handle to every engine deployment; Serve starts the engines first.
+    """
+    from bastion.serve.ingress import GatewayIngress
+
+    config_path = str(args["config"])
+    engines = engine_apps(load_config(config_path))
+    return GatewayIngress.bind(config_path, [(upstream_info(e), e.app) for e in engines])

@@ -1,0 +1,1 @@
+"""Benchmark commands: each measures one part against its peers in the same run."""

@@ -1,0 +1,26 @@
+"""The gateway as the Ray Serve ingress: the FastAPI app from `gateway/` over handles to the engine deployments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from bastion.config import load_config
+from bastion.gateway.app import create_app
+from bastion.gateway.upstream import UpstreamInfo
+from bastion.serve.engine_client import RayEngineClient
+
+
+@serve.deployment(name="gateway", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress()
+class GatewayIngress:
+    """Built at replica start: the config file is read in the replica, handles arrive bound by Serve."""
+
+    def __init__(self, config_path: str, upstreams: list[tuple[dict[str, Any], DeploymentHandle]]) -> None:
+        self.config = load_config(config_path)
+        self.client = RayEngineClient([(UpstreamInfo(**info), handle) for info, handle in upstreams])
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.config, self.client)
