@@ -159,6 +159,38 @@ def serve_command(
     runner.wait_forever()
 
 
+@app.command("run")
+def run_command(config: ConfigOption = None) -> None:
+    """Everything `make run` does: prepare models, migrate the database, create the first tenant, serve."""
+    import asyncio
+
+    from bastion.config import Settings
+    from bastion.db import migrate
+    from bastion.serve import runner
+
+    path = config or Settings().config
+    platform = load_config(path)
+    runner.check_address(platform)
+    progress, update = _progress_bar()
+    with progress:
+        runner.prepare_models(platform, update)
+    migrate.upgrade(platform.database.url)
+    token = asyncio.run(runner.bootstrap_tenant(platform))
+    runner.start_ray(platform)
+    runner.deploy(path)
+    base = f"http://{platform.gateway.host}:{platform.gateway.port}/v1"
+    out.print(f"Bastion is serving on {base} (Ctrl-C stops)")
+    if token:
+        out.print(f"First start: tenant 'default' with API key (shown once, stored hashed):\n  {token}")
+    model = platform.models[0].name
+    out.print(
+        f"Try: curl -s {base}/chat/completions -H 'Authorization: Bearer $KEY' -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
+        soft_wrap=True,
+    )
+    runner.wait_forever()
+
+
 @bench_app.command("engine")
 def bench_engine(
     config: ConfigOption = None,

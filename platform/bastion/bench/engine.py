@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -86,6 +87,9 @@ async def _run_profile(
     config: PlatformConfig, profile: str, temperatures: list[float], max_tokens: int, rounds: int, report: Callable
 ) -> list[ProfileResult]:
     dep = next(d for d in config.deployments if d.profile == profile)
+    # The deployment's environment (KV cache size, ...) as Ray would set it; but each engine runs alone here,
+    # so both get the same cores (`auto`) and the ratio compares speculation, not core pinning.
+    os.environ.update({**dep.env, "VLLM_CPU_OMP_THREADS_BIND": "auto"})
     replica = await EngineReplica.create(engine_spec(config, dep))
     try:
         await _one(replica, PROMPTS[0], 0.0, 8, 0)  # warm-up

@@ -71,3 +71,29 @@ def wait_forever(should_stop: Callable[[], bool] = lambda: False) -> None:
 def check_address(config: PlatformConfig) -> None:
     if config.gateway.host not in ("127.0.0.1", "localhost", "::1") and config.ray.address is None:
         raise BastionError("the embedded default listens on loopback only; set gateway.host to 127.0.0.1")
+
+
+async def bootstrap_tenant(config: PlatformConfig) -> str | None:
+    """On first start (no tenants yet) create tenant `default` and a key; return the key, shown once, else None."""
+    from sqlalchemy import func, select
+
+    from bastion.db.models import Tenant
+    from bastion.db.session import create_engine, session_factory
+    from bastion.tenancy import keys
+    from bastion.tenancy.apikeys import KeyService
+    from bastion.tenancy.tenants import TenantService
+
+    engine = create_engine(config.database.url)
+    try:
+        sessions = session_factory(engine)
+        async with sessions() as session:
+            if (await session.execute(select(func.count()).select_from(Tenant))).scalar_one():
+                return None
+        await TenantService(sessions).create("default")
+        pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
+        created = await KeyService(sessions, pepper).create(
+            "default", name="bootstrap", scopes=("inference", "usage:read")
+        )
+        return created.token
+    finally:
+        await engine.dispose()
