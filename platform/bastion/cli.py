@@ -78,6 +78,49 @@ def db_current(config: ConfigOption = None) -> None:
 
     out.print(migrate.current(load_config(config).database.url))
 
+helm_app = typer.Typer(help="Helm chart values generated from the platform file.", no_args_is_help=True)
+app.add_typer(helm_app, name="helm")
+
+
+@helm_app.command("values")
+def helm_values_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="platform file for the cluster")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the values fragment to this file")] = None,
+    update: Annotated[
+        Path | None, typer.Option("--update", help="rewrite the generated block of this values file (the chart's own)")
+    ] = None,
+    chart: Annotated[Path, typer.Option("--chart", help="the chart the fragment is layered over")] = Path(
+        "helm/bastion"
+    ),
+) -> None:
+    """Helm values (`platform`, `serveConfig`, `workerGroups`) for a platform file; stdout without --out/--update."""
+    from bastion.serve import helm_values as hv
+
+    data = hv.read_platform_file(config)
+    if update is not None:
+        fragment = hv.render_fragment(hv.helm_values(data, str(config)), config.as_posix())
+        update.write_text(hv.splice(update.read_text(encoding="utf-8"), fragment), encoding="utf-8")
+    if out_file is not None or update is None:
+        values = hv.helm_values(data, str(config), chart_defaults=hv.chart_defaults(chart))
+        fragment = hv.render_fragment(values, config.as_posix())
+        if out_file is not None:
+            out_file.write_text(fragment, encoding="utf-8")
+        else:
+            sys.stdout.write(fragment)
+
+
+@helm_app.command("schema")
+def helm_schema_command(
+    update: Annotated[Path, typer.Option("--update", help="the chart's values.schema.json to refresh")],
+) -> None:
+    """Refresh the platform part (`properties.platform`, `$defs`) of the chart's values.schema.json."""
+    import json
+
+    from bastion.serve import helm_values as hv
+
+    update.write_text(hv.dump_schema(hv.values_schema(json.loads(update.read_text(encoding="utf-8")))))
+
+
 models_app = typer.Typer(
     help="Local model folders: build the bundled model, write and check manifests.", no_args_is_help=True
 )
