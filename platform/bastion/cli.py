@@ -13,6 +13,7 @@ from bastion import __version__
 from bastion.config import load_config
 from bastion.errors import BastionError
 from bastion.pool.command import plan as plan_command
+from bastion.tenancy.commands import keys_app, tenants_app
 
 app = typer.Typer(
     help="Bastion: on-premise LLM serving with tenants, quotas, audit and MTP speculation.",
@@ -25,6 +26,8 @@ db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_he
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.command("plan")(plan_command)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 _state = {"debug": False}
@@ -78,6 +81,7 @@ def db_current(config: ConfigOption = None) -> None:
 
     out.print(migrate.current(load_config(config).database.url))
 
+
 helm_app = typer.Typer(help="Helm chart values generated from the platform file.", no_args_is_help=True)
 app.add_typer(helm_app, name="helm")
 
@@ -119,6 +123,110 @@ def helm_schema_command(
     from bastion.serve import helm_values as hv
 
     update.write_text(hv.dump_schema(hv.values_schema(json.loads(update.read_text(encoding="utf-8")))))
+
+
+audit_app = typer.Typer(help="Tamper-evident audit log: keys, verification, exports, retention.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("keygen")
+def audit_keygen(out_dir: Annotated[Path, typer.Option("--out", help="folder for the new key files")]) -> None:
+    """Create an Ed25519 signing key pair (private key mode 0600) and an AES-256 content key (0600)."""
+    from bastion.audit.signing import keygen
+
+    for role, path in keygen(out_dir).items():
+        out.print(f"{role}: {path}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    config: ConfigOption = None,
+    export: Annotated[Path | None, typer.Option("--export", help="verify this export folder offline")] = None,
+    public_key: Annotated[Path | None, typer.Option("--public-key", help="Ed25519 public key (PEM)")] = None,
+) -> None:
+    """Verify every chain and checkpoint in the database, or an export offline (--export DIR --public-key FILE)."""
+    import asyncio
+
+    from bastion.audit import service
+    from bastion.audit.errors import AuditError
+
+    if export is not None:
+        from bastion.audit.exportcheck import verify_export
+        from bastion.audit.signing import Verifier
+
+        if public_key is None:
+            raise AuditError("--export needs --public-key FILE")
+        checked = verify_export(export, Verifier.from_file(public_key))
+        if not checked.ok:
+            raise AuditError(f"export does not verify: {checked.first_problem}")
+        out.print(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
+        return
+    report = asyncio.run(service.verify(load_config(config), public_key))
+    if not report.ok:
+        raise AuditError(f"audit log does not verify: {report.first_problem}")
+    out.print(f"ok: {len(report.chains)} chains, {report.events} events")
+
+
+@audit_app.command("export")
+def audit_export(
+    out_dir: Annotated[Path, typer.Option("--out", help="new (or empty) folder for the export")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, jsonl or parquet")] = "jsonl",
+    tenant: Annotated[str | None, typer.Option("--tenant", help="tenant id (default: every tenant)")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="from this UTC date or ISO time (inclusive)")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="up to this UTC date or ISO time (exclusive)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export audit events with a signed manifest (verify it with `bastion audit verify --export`)."""
+    import asyncio
+
+    from rich.progress import Progress
+
+    from bastion.audit import service
+
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task("exporting", total=None)
+        result = asyncio.run(
+            service.export(
+                load_config(config),
+                fmt,
+                out_dir,
+                tenant=tenant,
+                start=service.parse_when(start, "--from"),
+                end=service.parse_when(end, "--to"),
+                on_total=lambda n: progress.update(task, total=n),
+                on_progress=lambda n: progress.advance(task, n),
+            )
+        )
+    out.print(f"{result.rows} events exported to {out_dir} (manifest sha256 {result.manifest_sha256})")
+
+
+@audit_app.command("retention")
+def audit_retention(config: ConfigOption = None) -> None:
+    """Delete audit events past each tenant's retention, up to signed checkpoints; the deletion is audited."""
+    import asyncio
+
+    from bastion.audit import service
+
+    results = asyncio.run(service.retention(load_config(config)))
+    for r in results:
+        out.print(f"{r.chain_id}: deleted {r.deleted} events up to sequence {r.up_to_sequence}")
+    out.print(f"retention: {sum(r.deleted for r in results)} events deleted")
+
+
+@audit_app.command("content")
+def audit_content(
+    chain: Annotated[str, typer.Option("--chain", help="chain id of the event")],
+    sequence: Annotated[int, typer.Option("--sequence", help="sequence of the event in its chain")],
+    config: ConfigOption = None,
+) -> None:
+    """Decrypt one event's stored prompt and completion (auditors only); the reading is itself audited."""
+    import asyncio
+    import json
+
+    from bastion.audit import service
+
+    content = asyncio.run(service.read_content(load_config(config), chain, sequence))
+    sys.stdout.write(json.dumps(content, ensure_ascii=False, indent=2) + "\n")
 
 
 models_app = typer.Typer(
@@ -254,7 +362,6 @@ def bench_engine(
     for temperature, ratio in result["fast_over_deep"].items():
         out.print(f"fast/deep at T={temperature}: {ratio}")
     out.print_json(json.dumps(result))
-
 
 
 def main() -> None:

@@ -139,6 +139,20 @@ class UsageCounter(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class KeyUsageCounter(Base):
+    """Request and token totals per API key and period: what per-key daily/monthly budgets are checked against."""
+
+    __tablename__ = "key_usage_counters"
+    __table_args__ = (UniqueConstraint("key_id", "period", name="uq_key_usage_counters_key_period"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    period: Mapped[str] = mapped_column(String(10))
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class AuditEvent(Base):
     """One link of an append-only hash chain: hash = SHA-256(prev_hash ‖ canonical JSON of the event)."""
 
@@ -175,3 +189,16 @@ class AuditCheckpoint(Base):
     signed_at: Mapped[datetime] = mapped_column(default=utcnow)
     key_id: Mapped[str] = mapped_column(String(64))
     signature: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AuditAnchor(Base):
+    """Where verification of a chain starts once retention deleted its prefix: a signed checkpoint's head."""
+
+    __tablename__ = "audit_anchors"
+
+    chain_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    checkpoint_id: Mapped[int]
+    deleted: Mapped[int] = mapped_column(BigInteger, default=0)  # rows retention removed from this chain so far
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,74 @@
+"""Hash chains: hash = SHA-256(prev_hash ‖ canonical JSON of the row), one chain per (writer, tenant).
+
+A row here is a dict with the audit_events columns. The canonical document covers every column except the
+database id, prev_hash (which is the hash's prefix) and hash itself; the content ciphertext is covered by its
+SHA-256, so a swapped or altered ciphertext breaks the chain like any other change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bastion.audit.events import canonical_json, format_time
+
+GENESIS = "0" * 64
+SYSTEM_TENANT = "-"  # chain suffix for events without a tenant (admin actions, unknown-key failures)
+
+
+def new_writer_id() -> str:
+    """host-pid-random, at most 29 characters so `writer:tenant` fits the 64-character chain id."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-.")[:12] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def chain_id_for(writer_id: str, tenant_id: str | None) -> str:
+    """Chains are per writer *and* tenant, so per-tenant retention deletes a chain prefix, never holes."""
+    return f"{writer_id}:{tenant_id or SYSTEM_TENANT}"
+
+
+def canonical_row(row: Mapping[str, Any]) -> bytes:
+    occurred = row["occurred_at"]
+    content = row.get("content")
+    doc = {
+        "v": 1,
+        "chain_id": row["chain_id"],
+        "sequence": int(row["sequence"]),
+        "occurred_at": format_time(occurred) if isinstance(occurred, datetime) else occurred,
+        "kind": row["kind"],
+        "tenant_id": row.get("tenant_id"),
+        "actor": row.get("actor"),
+        "request_id": row.get("request_id"),
+        "payload": row.get("payload") or {},
+        "content_sha256": hashlib.sha256(content).hexdigest() if content else None,
+    }
+    return canonical_json(doc)
+
+
+def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_row(row)).hexdigest()
+
+
+@dataclass
+class ChainHead:
+    """The writer's view of one chain: the last sequence and hash it sealed."""
+
+    chain_id: str
+    sequence: int = 0
+    hash: str = GENESIS
+    checkpointed: int = 0  # last sequence covered by a checkpoint
+
+    def seal(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Give `row` the next sequence, link it to the head, and hash it (in place, returned for chaining)."""
+        row["chain_id"] = self.chain_id
+        row["sequence"] = self.sequence + 1
+        row["prev_hash"] = self.hash
+        row["hash"] = row_hash(self.hash, row)  # may raise (unserializable payload): the head is untouched then
+        self.sequence, self.hash = row["sequence"], row["hash"]
+        return row

@@ -1,0 +1,185 @@
+"""Wiring from the platform file: keys, the spool folder, a writer; the entry points the CLI and admin API use."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit.errors import AuditError, AuditKeyError
+from bastion.audit.events import AdminEvent, ExportEvent, VerifyEvent
+from bastion.audit.export import ExportResult, count_rows, export_events
+from bastion.audit.retention import RetentionResult, apply_retention, tenant_policies
+from bastion.audit.signing import Signer, Verifier
+from bastion.audit.store import EVENTS
+from bastion.audit.verify import VerifyReport, verify_database
+from bastion.audit.writer import AuditWriter
+from bastion.config import PlatformConfig
+from bastion.db.session import create_engine
+
+
+def spool_dir(config: PlatformConfig) -> Path:
+    return config.data_dir / "audit-spool"
+
+
+def load_signer(config: PlatformConfig) -> Signer:
+    if config.audit.signing_key_file is None:
+        raise AuditKeyError("audit.signing_key_file is not set (create keys with `bastion audit keygen --out DIR`)")
+    return Signer.from_file(config.audit.signing_key_file)
+
+
+def load_verifier(config: PlatformConfig, public_key: Path | None = None) -> Verifier:
+    """The given public key, else the one derived from the platform file's signing key."""
+    if public_key is not None:
+        return Verifier.from_file(public_key)
+    return load_signer(config).verifier
+
+
+def load_cipher(config: PlatformConfig) -> ContentCipher | None:
+    path = config.audit.content_key_file
+    return ContentCipher.from_file(path) if path is not None else None
+
+
+def build_writer(config: PlatformConfig, engine: AsyncEngine | None = None, **options: Any) -> AuditWriter:
+    """The gateway's writer: checkpoints signed when a signing key is configured, content encrypted when a
+    content key is; without a content key, content is never stored even for tenants that opted in."""
+    signer = load_signer(config) if config.audit.signing_key_file is not None else None
+    return AuditWriter(
+        engine if engine is not None else config.database.url,
+        spool_dir=spool_dir(config),
+        signer=signer,
+        cipher=load_cipher(config),
+        **options,
+    )
+
+
+async def record(config: PlatformConfig, events: Iterable[Any], engine: AsyncEngine | None = None) -> None:
+    """Write a few events durably from a short-lived process (the CLI's export, verify and retention)."""
+    writer = await build_writer(config, engine).start()
+    try:
+        for event in events:
+            writer.enqueue(event)
+    finally:
+        await writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _database(config: PlatformConfig) -> AsyncIterator[AsyncEngine]:
+    """An engine for one command; database failures become one readable line (no URL, no password)."""
+    engine = create_engine(config.database.url)
+    try:
+        yield engine
+    except OSError as exc:
+        raise AuditError(f"database unreachable: {exc.strerror or type(exc).__name__}") from None
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        first = (str(cause).splitlines() or [""])[0]
+        raise AuditError(f"database error: {type(cause).__name__}: {first}") from None
+    finally:
+        await engine.dispose()
+
+
+def cli_actor() -> str:
+    return f"cli:{getpass.getuser()}"[:128]
+
+
+async def verify(config: PlatformConfig, public_key: Path | None = None, actor: str | None = None) -> VerifyReport:
+    """Verify every chain and checkpoint, and audit the verification itself."""
+    verifier = load_verifier(config, public_key)
+    async with _database(config) as engine:
+        report = await verify_database(engine, verifier)
+        first = report.first_problem
+        event = VerifyEvent(
+            actor=actor or cli_actor(),
+            target="database",
+            ok=report.ok,
+            chains=len(report.chains),
+            events=report.events,
+            first_error=str(first) if first else None,
+        )
+        await record(config, [event], engine)
+    return report
+
+
+async def export(
+    config: PlatformConfig,
+    fmt: str,
+    out_dir: Path,
+    *,
+    tenant: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    actor: str | None = None,
+    on_total: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> ExportResult:
+    """Export, sign the manifest, and audit the export."""
+    signer = load_signer(config)
+    async with _database(config) as engine:
+        if on_total is not None:
+            on_total(await count_rows(engine, tenant, start, end))
+        result = await export_events(
+            engine, out_dir, fmt, signer, tenant=tenant, start=start, end=end, on_progress=on_progress
+        )
+        event = ExportEvent(
+            tenant_id=tenant,
+            actor=actor or cli_actor(),
+            format=fmt,
+            time_from=start,
+            time_to=end,
+            rows=result.rows,
+            manifest_sha256=result.manifest_sha256,
+        )
+        await record(config, [event], engine)
+    return result
+
+
+async def retention(config: PlatformConfig, actor: str | None = None) -> list[RetentionResult]:
+    """Apply every tenant's retention (tenant setting, else audit.retention_days) and audit each deletion."""
+    verifier = load_signer(config).verifier
+    async with _database(config) as engine:
+        policies = await tenant_policies(engine, config.audit.retention_days)
+        results = await apply_retention(engine, verifier, policies)
+        await record(config, [r.event(actor or cli_actor()) for r in results], engine)
+    return results
+
+
+def parse_when(text: str | None, option: str) -> datetime | None:
+    """`2026-11-29` or an ISO time; without a zone it is UTC."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise AuditError(f"{option}: not a date or ISO time: {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+async def read_content(config: PlatformConfig, chain_id: str, sequence: int, actor: str | None = None) -> Any:
+    """Decrypt one event's content for an auditor; the reading is itself audited (who, which event)."""
+    cipher = load_cipher(config)
+    if cipher is None:
+        raise AuditKeyError("audit.content_key_file is not set")
+    async with _database(config) as engine:
+        async with engine.connect() as conn:
+            query = select(EVENTS).where(EVENTS.c.chain_id == chain_id, EVENTS.c.sequence == sequence)
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise AuditError(f"no audit event {chain_id}#{sequence}")
+        event = AdminEvent(
+            tenant_id=row["tenant_id"],
+            actor=actor or cli_actor(),
+            action="audit.content.read",
+            target_type="audit_event",
+            target_id=f"{chain_id}#{sequence}",
+        )
+        await record(config, [event], engine)
+    return decrypt_content(dict(row), cipher)

@@ -1,0 +1,145 @@
+"""Database access shared by the writer, verification, export and retention: batched inserts and paged reads."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bastion.audit.events import format_time, parse_time
+from bastion.db.models import AuditAnchor, AuditCheckpoint, AuditEvent
+from bastion.db.session import create_engine
+
+EVENTS = AuditEvent.__table__
+CHECKPOINTS = AuditCheckpoint.__table__
+ANCHORS = AuditAnchor.__table__
+ROW_COLUMNS = (
+    "chain_id",
+    "sequence",
+    "prev_hash",
+    "hash",
+    "occurred_at",
+    "kind",
+    "tenant_id",
+    "actor",
+    "request_id",
+    "payload",
+    "content",
+)
+
+_PG_INSERT = (  # the columns of ROW_COLUMNS, in that order
+    "INSERT INTO audit_events (chain_id, sequence, prev_hash, hash, occurred_at, kind, tenant_id, actor, request_id, "
+    "payload, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+    "ON CONFLICT (chain_id, sequence) DO NOTHING"
+)
+
+
+_PAYLOAD = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _insert(dialect: str, table: Any):  # -> a dialect Insert with ON CONFLICT support
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert sealed rows in one statement batch; rows already present (a replay after a lost ack) are skipped."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        # asyncpg's own executemany: about twice SQLAlchemy's rate, and atomic (all rows or none).
+        raw = (await conn.get_raw_connection()).driver_connection
+        # ASCII-escaped JSON text: a NUL or odd code point inside a string cannot make PostgreSQL refuse the row.
+        values = [(*(r[c] for c in ROW_COLUMNS[:9]), _PAYLOAD.encode(r["payload"]), r["content"]) for r in rows]
+        await raw.executemany(_PG_INSERT, values)
+        return
+    stmt = _insert(conn.dialect.name, EVENTS).on_conflict_do_nothing(index_elements=["chain_id", "sequence"])
+    await conn.execute(stmt, [{c: r.get(c) for c in ROW_COLUMNS} for r in rows])
+
+
+async def insert_checkpoints(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    stmt = _insert(conn.dialect.name, CHECKPOINTS).on_conflict_do_nothing(index_elements=["chain_id", "sequence"])
+    await conn.execute(stmt, list(rows))
+
+
+def writer_engine(url: str) -> AsyncEngine:
+    """An engine whose connects and statements time out, so an unreachable database means spooling, not hanging."""
+    args: dict[str, Any] = {}
+    if make_url(url).get_backend_name().startswith("postgres"):
+        args = {"connect_args": {"timeout": 5, "command_timeout": 30}, "pool_size": 2, "max_overflow": 2}
+    return create_engine(url, **args)
+
+
+def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A sealed row as JSON-safe values (spool lines and exports): fixed time format, content in base64."""
+    out = {c: row.get(c) for c in ROW_COLUMNS}
+    if isinstance(out["occurred_at"], datetime):
+        out["occurred_at"] = format_time(out["occurred_at"])
+    out["content"] = base64.b64encode(out["content"]).decode() if out["content"] else None
+    return out
+
+
+def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    out = {c: data.get(c) for c in ROW_COLUMNS}
+    out["occurred_at"] = parse_time(out["occurred_at"])
+    out["sequence"] = int(out["sequence"])
+    out["content"] = base64.b64decode(out["content"]) if out["content"] else None
+    return out
+
+
+async def chain_ids(engine: AsyncEngine, tenant_id: str | None = None) -> list[str]:
+    """Every chain with rows, checkpoints or an anchor, so a chain whose rows were all deleted still counts."""
+    queries: list[Select[Any]] = [select(EVENTS.c.chain_id).distinct()]
+    if tenant_id is None:
+        queries += [select(CHECKPOINTS.c.chain_id).distinct(), select(ANCHORS.c.chain_id)]
+    else:
+        queries[0] = queries[0].where(EVENTS.c.tenant_id == tenant_id)
+    found: set[str] = set()
+    async with engine.connect() as conn:
+        for query in queries:
+            found.update((await conn.execute(query)).scalars())
+    return sorted(found)
+
+
+async def chain_rows(
+    engine: AsyncEngine, chain_id: str, after: int = 0, until: int | None = None, page: int = 5000
+) -> AsyncIterator[dict[str, Any]]:
+    """A chain's rows in sequence order, a page at a time (keyset on sequence: constant memory)."""
+    last = after
+    while True:
+        query = select(EVENTS).where(EVENTS.c.chain_id == chain_id, EVENTS.c.sequence > last)
+        if until is not None:
+            query = query.where(EVENTS.c.sequence <= until)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(EVENTS.c.sequence).limit(page))).mappings().all()
+        for row in rows:
+            yield dict(row)
+        if len(rows) < page:
+            return
+        last = rows[-1]["sequence"]
+
+
+async def find_one(engine: AsyncEngine, chain_id: str, **where: Any) -> dict[str, Any] | None:
+    """One row of a chain matching column values (used only to explain a failure, so a scan is fine)."""
+    query = select(EVENTS).where(EVENTS.c.chain_id == chain_id)
+    for column, value in where.items():
+        query = query.where(EVENTS.c[column] == value)
+    async with engine.connect() as conn:
+        row = (await conn.execute(query.limit(1))).mappings().first()
+    return dict(row) if row else None
+
+
+async def count_events(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(EVENTS))).scalar_one())

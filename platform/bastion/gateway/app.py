@@ -1,0 +1,187 @@
+"""The data-plane app: `create_app(config, engine_client)` builds the same FastAPI app for Ray Serve and tests.
+
+Wiring (serve/): pass the platform config and an EngineClient; optionally a session factory (else one is made
+from config.database.url), a Redis URL (else config.redis.url; None means in-process limits), and recorders
+such as the audit writer. `policy=False` builds a bare relay of the same engine (benchmarks only).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bastion.config.schema import PlatformConfig
+from bastion.db.session import create_engine, session_factory
+from bastion.gateway import policy
+from bastion.gateway.errors import ApiError
+from bastion.gateway.service import GatewayService
+from bastion.gateway.upstream import EngineClient
+from bastion.routing.profiles import RoutingPolicy
+from bastion.tenancy import keys
+from bastion.tenancy.authn import Authenticator
+from bastion.tenancy.budgets import BudgetTracker
+from bastion.tenancy.limits import Limiter
+from bastion.tenancy.usage import RequestRecorder, UsageRecorder, usage_for_tenant
+
+log = logging.getLogger("bastion.gateway")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = "x-request-id"
+
+
+class RequestIdMiddleware:
+    """Pure ASGI (cheaper than BaseHTTPMiddleware): a client's safe x-request-id is kept, else one is made."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        text = given.decode("latin-1") if given else ""
+        rid = text if _SAFE_ID.match(text) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _rid(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+
+
+def create_app(
+    config: PlatformConfig,
+    engine_client: EngineClient,
+    *,
+    sessions: async_sessionmaker[AsyncSession] | None = None,
+    redis_url: str | None = None,
+    recorders: Sequence[RequestRecorder] = (),
+    pepper: bytes | None = None,
+    routing: RoutingPolicy | None = None,
+    auth_cache_ttl_s: float = 0.5,
+    flush_interval_s: float = 1.0,
+    policy_enabled: bool = True,
+) -> FastAPI:
+    """Build the gateway app. The returned app's `state.gateway` is the GatewayService (tests flush/close it)."""
+    owned_engine = None
+    if sessions is None:
+        owned_engine = create_engine(config.database.url)
+        sessions = session_factory(owned_engine)
+    redis_url = redis_url if redis_url is not None else config.redis.url
+    if pepper is None:
+        pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
+    limiter = Limiter(redis_url)
+    budgets = BudgetTracker(sessions, limiter.redis)
+    gateway = GatewayService(
+        engine_client,
+        Authenticator(sessions, pepper, config.tenant_defaults, ttl=auth_cache_ttl_s),
+        limiter,
+        budgets,
+        UsageRecorder(sessions),
+        recorders,
+        max_body_bytes=config.gateway.max_body_bytes,
+        routing=routing,
+        flush_interval_s=flush_interval_s,
+        redis_url=redis_url or None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+            if owned_engine is not None:
+                await owned_engine.dispose()
+
+    app = FastAPI(title="Bastion gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.sessions = sessions
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        return ApiError(400, "Invalid request", code="invalid_value").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s", type(exc).__name__)
+        return ApiError(500, "The gateway failed to handle the request", code="internal_error").response()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if not policy_enabled:
+        from bastion.gateway.bare import add_bare_routes
+
+        add_bare_routes(app, engine_client)
+        return app
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await gateway.inference(request, "chat", _rid(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.inference(request, "completion", _rid(request))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        principal = await policy.authenticate(gateway.auth, request, "inference")
+        data: list[dict[str, object]] = []
+        seen: set[str] = set()
+        for up in engine_client.upstreams():
+            allowed = not principal.allowed_profiles or up.profile in principal.allowed_profiles
+            if not principal.may_use_model(up.model) or not allowed:
+                continue
+            for name in (up.model, f"{up.model}@{up.profile}"):
+                if name not in seen:
+                    seen.add(name)
+                    data.append({"id": name, "object": "model", "created": 0, "owned_by": "bastion"})
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, period: str | None = None) -> Response:
+        principal = await policy.authenticate(gateway.auth, request, "usage:read")
+        if period is not None and not re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", period):
+            raise ApiError(400, "period is YYYY-MM or YYYY-MM-DD", param="period", code="invalid_value")
+        await gateway.usage.flush()
+        rows = await usage_for_tenant(sessions, principal.tenant_id, periods=[period] if period else None)
+        return JSONResponse(
+            {
+                "object": "usage",
+                "tenant": principal.tenant_name,
+                "data": [{"object": "usage.bucket", **vars(r)} for r in rows],
+            }
+        )
+
+    return app

@@ -1,0 +1,31 @@
+"""A bare relay of the same engine client: no auth, limits, routing or usage. Only for measuring the gateway's
+own overhead (`bench.py`) — never serve this."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bastion.gateway.relay import upstream_body
+from bastion.gateway.upstream import Endpoint, EngineClient
+
+
+def add_bare_routes(app: FastAPI, engine: EngineClient) -> None:
+    async def relay(request: Request, endpoint: Endpoint) -> Response:
+        body = json.loads(await request.body())
+        upstream = next(u for u in engine.upstreams() if u.model == body["model"].partition("@")[0])
+        sent = upstream_body(body, upstream.model, bool(body.get("stream")))
+        if body.get("stream"):
+            return StreamingResponse(engine.stream(upstream.name, endpoint, sent), media_type="text/event-stream")
+        answer = await engine.complete(upstream.name, endpoint, sent)
+        return JSONResponse(answer.body, status_code=answer.status)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await relay(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await relay(request, "completion")

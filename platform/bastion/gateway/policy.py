@@ -1,0 +1,183 @@
+"""The policy path of one inference request: key → tenant → body → model → tokens → profile → limits.
+
+Each step raises ApiError with the status and code a client can act on; the handler in `service.py` relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fastapi import Request
+
+from bastion.db.models import utcnow
+from bastion.gateway.errors import ApiError
+from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
+from bastion.gateway.upstream import Endpoint
+from bastion.routing.profiles import RoutingDecision
+from bastion.tenancy import keys
+from bastion.tenancy.authn import Authenticator, AuthFailure, Principal
+from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
+from bastion.tenancy.limits import Admission, Limiter, LimitExceeded, RateHeaders, Subject
+from bastion.tenancy.usage import SpeculationStats
+
+PROFILE_HEADER = "x-bastion-profile"
+
+
+@dataclass
+class RequestContext:
+    """Everything known about one request so far; becomes its RequestRecord at the end."""
+
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    started_at: datetime = field(default_factory=utcnow)
+    principal: Principal | None = None
+    model: str | None = None
+    stream: bool = False
+    decision: RoutingDecision | None = None
+    admission: Admission | None = None
+    holds_upstream: bool = False  # counted in the gateway's in-flight total for decision.upstream
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 200
+    error_code: str | None = None
+    ttft: float | None = None
+    speculation: SpeculationStats | None = None
+    finished: bool = False
+    key_prefix: str | None = None
+    client_address: str | None = None
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+async def authenticate(
+    auth: Authenticator, request: Request, scope: str, ctx: RequestContext | None = None
+) -> Principal:
+    token = bearer(request)
+    if ctx is not None:
+        parsed = keys.parse(token or "")
+        ctx.key_prefix = parsed[0] if parsed else None
+        ctx.client_address = request.client.host if request.client else None
+    try:
+        principal = await auth.authenticate(token)
+    except AuthFailure as exc:
+        raise ApiError(401, f"Incorrect API key provided: {exc}", code="invalid_api_key") from None
+    if not principal.tenant_active:
+        raise ApiError(403, "Your organization is suspended", code="tenant_suspended")
+    if scope not in principal.scopes:
+        raise ApiError(403, f"This API key lacks the `{scope}` scope", code="insufficient_scope")
+    return principal
+
+
+def check_declared_size(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "Invalid Content-Length header") from None
+        if size > limit:
+            raise ApiError(413, f"Request body is {size} bytes; the limit is {limit}", code="request_too_large")
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object: 413 past `limit` bytes (however it is sent), 400 for bad UTF-8 or JSON."""
+    check_declared_size(request, limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "Request body is not valid UTF-8", code="invalid_encoding") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate(endpoint: Endpoint, body: dict[str, Any]) -> ChatCompletionRequest | CompletionRequest:
+    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        message, param = first_error(exc)
+        raise ApiError(400, message, param=param, code="invalid_value") from None
+
+
+def subjects(principal: Principal) -> list[Subject]:
+    out = [Subject("tenant", principal.tenant_id, principal.tenant_limits)]
+    if principal.key_limits is not None:
+        out.append(Subject("key", principal.key_id, principal.key_limits))
+    return out
+
+
+def _limit_error(exc: LimitExceeded) -> ApiError:
+    headers = {"retry-after": str(exc.retry_after), **exc.headers.as_headers()}
+    return ApiError(429, str(exc), code=exc.limit, type="rate_limit_error", headers=headers)
+
+
+async def admit(
+    limiter: Limiter, budgets: BudgetTracker, ctx: RequestContext, principal: Principal, prompt_tokens: int
+) -> Admission:
+    """Budgets (read-only), concurrency and windows at once; a refusal anywhere undoes the rest."""
+    levels = subjects(principal)
+    has_budget = any(s.limits.daily_token_budget or s.limits.monthly_token_budget for s in levels)
+    if not has_budget:
+        try:
+            return await limiter.admit(ctx.request_id, levels, prompt_tokens)
+        except LimitExceeded as exc:
+            raise _limit_error(exc) from None
+    budget, admitted = await asyncio.gather(
+        budgets.check(levels, prompt_tokens, ctx.started_at),
+        limiter.admit(ctx.request_id, levels, prompt_tokens),
+        return_exceptions=True,
+    )
+    if isinstance(budget, BaseException) and isinstance(admitted, Admission):
+        await limiter.cancel(admitted)
+    if isinstance(budget, BudgetExhausted):
+        raise ApiError(
+            429,
+            f"You exceeded your token budget: {budget}",
+            code="insufficient_quota",
+            type="insufficient_quota",
+            headers={"retry-after": str(max(1, int(budget.retry_after)))},
+        )
+    if isinstance(admitted, LimitExceeded):
+        raise _limit_error(admitted)
+    for outcome in (budget, admitted):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    assert isinstance(admitted, Admission)
+    return admitted
+
+
+def rate_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = ctx.admission.headers.as_headers() if ctx.admission is not None else RateHeaders().as_headers()
+    if ctx.decision is not None:
+        headers["x-bastion-profile"] = ctx.decision.profile
+        headers["x-bastion-routing-reason"] = ctx.decision.reason
+    return headers

@@ -1,0 +1,349 @@
+"""The gateway's request handling: policy (auth, limits, routing), relay to the engine, usage at the end.
+
+One `GatewayService` per app instance. Per-request state lives in a RequestContext; shared state is the
+authenticator cache, the limiter, in-flight counts per upstream (for overflow) and the batched recorders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bastion.gateway import policy
+from bastion.gateway.errors import ApiError, is_error_body
+from bastion.gateway.policy import RequestContext
+from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
+from bastion.gateway.upstream import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable
+from bastion.routing.profiles import RouteRequest, RoutingError, RoutingPolicy, choose, split_model
+from bastion.tenancy.authn import Authenticator
+from bastion.tenancy.budgets import BudgetTracker
+from bastion.tenancy.invalidation import InvalidationListener
+from bastion.tenancy.limits import Limiter
+from bastion.tenancy.usage import RequestRecord, RequestRecorder, UsageRecorder
+
+log = logging.getLogger("bastion.gateway")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class GatewayService:
+    def __init__(
+        self,
+        engine: EngineClient,
+        authenticator: Authenticator,
+        limiter: Limiter,
+        budgets: BudgetTracker,
+        usage: UsageRecorder,
+        recorders: Sequence[RequestRecorder] = (),
+        *,
+        max_body_bytes: int,
+        routing: RoutingPolicy | None = None,
+        flush_interval_s: float = 1.0,
+        redis_url: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.auth = authenticator
+        self.limiter = limiter
+        self.budgets = budgets
+        self.usage = usage
+        self.recorders = [usage, *recorders]
+        self.max_body_bytes = max_body_bytes
+        self.routing = routing or RoutingPolicy()
+        self.in_flight: dict[str, int] = {}
+        self._flush_interval_s = flush_interval_s
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.listener = InvalidationListener(redis_url, authenticator.invalidate) if redis_url else None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.listener is not None:
+            self.listener.start()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval_s)
+            await self.flush()
+
+    async def flush(self) -> None:
+        for name, step in (("usage counters", self.usage.flush), ("last-used times", self.auth.flush_last_used)):
+            try:
+                await step()
+            except Exception:
+                log.exception("flush of %s failed", name)
+
+    async def aclose(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+        await self.limiter.aclose()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- inference ------------------------------------------------------------------------------------
+
+    async def inference(self, request: Request, endpoint: Endpoint, request_id: str) -> Response:
+        self.start()
+        ctx = RequestContext(request_id=request_id, endpoint=endpoint)
+        try:
+            return await self._inference(request, endpoint, ctx)
+        except ApiError as exc:
+            ctx.status, ctx.error_code = exc.status, exc.code
+            await self._finish(ctx)
+            return exc.response()
+        except Exception as exc:  # the type only: a message could quote the prompt
+            log.error("request %s failed: %s", request_id, type(exc).__name__)
+            ctx.status, ctx.error_code = 500, "internal_error"
+            await self._finish(ctx)
+            return ApiError(500, "The gateway failed to handle the request", code="internal_error").response()
+
+    async def _inference(self, request: Request, endpoint: Endpoint, ctx: RequestContext) -> Response:
+        policy.check_declared_size(request, self.max_body_bytes)
+        principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
+        body = await policy.read_json(request, self.max_body_bytes)
+        parsed = policy.validate(endpoint, body)
+        ctx.stream = parsed.stream
+        base, alias_profile = split_model(parsed.model)
+        ctx.model = base
+        header_profile = request.headers.get(policy.PROFILE_HEADER) or None
+        if alias_profile and header_profile and alias_profile != header_profile:
+            raise ApiError(400, f"Model alias asks for `{alias_profile}`, header for `{header_profile}`", param="model")
+        upstreams = [u for u in self.engine.upstreams() if u.model == base]
+        if not upstreams:
+            raise ApiError(404, f"The model `{parsed.model}` does not exist", code="model_not_found", param="model")
+        if not principal.may_use_model(base):
+            raise ApiError(403, f"You are not allowed to use the model `{base}`", code="model_not_allowed")
+
+        body = body if body.get("model") == base else {**body, "model": base}  # engines know the plain name
+        ctx.prompt_tokens = await self._count_tokens(upstreams, endpoint, body)
+        route = RouteRequest(
+            model=base,
+            prompt_tokens=ctx.prompt_tokens,
+            max_tokens=parsed.completion_limit,
+            has_tools=bool(getattr(parsed, "tools", None)),
+            explicit_profile=alias_profile or header_profile,
+            explicit_source="alias" if alias_profile else ("header" if header_profile else None),
+            tenant_default=principal.default_profile,
+            allowed_profiles=principal.allowed_profiles,
+        )
+        try:
+            decision = ctx.decision = choose(route, upstreams, self.in_flight, self.routing)
+        except RoutingError as exc:
+            headers = {"retry-after": "1"} if exc.status == 429 else None
+            raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param, headers=headers) from None
+
+        # Count the request against its upstream before any await, so concurrent requests see it when routing.
+        self.in_flight[decision.upstream] = self.in_flight.get(decision.upstream, 0) + 1
+        ctx.holds_upstream = True
+        ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens)
+        try:
+            sent = upstream_body(body, base, parsed.stream)
+            if parsed.stream:
+                keep_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                return await self._stream(ctx, endpoint, sent, keep_usage)
+            return await self._complete(ctx, endpoint, sent)
+        except ApiError as exc:
+            exc.headers.update(policy.rate_headers(ctx))
+            raise
+
+    async def _count_tokens(self, upstreams: list[UpstreamInfo], endpoint: Endpoint, body: dict[str, Any]) -> int:
+        for upstream in upstreams:
+            try:
+                return await self.engine.count_prompt_tokens(upstream.name, endpoint, body)
+            except UpstreamUnavailable:
+                continue
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ApiError(400, f"The prompt could not be tokenized: {exc}", param="messages") from None
+        raise ApiError(503, "No replica can serve this model right now; retry shortly", code="no_upstream")
+
+    async def _complete(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> Response:
+        assert ctx.decision is not None
+        try:
+            answer = await self.engine.complete(ctx.decision.upstream, endpoint, body)
+        except UpstreamUnavailable:
+            raise ApiError(
+                503, "No replica can serve this request right now; retry shortly", code="no_upstream"
+            ) from None
+        ctx.ttft = time.perf_counter()
+        ctx.status = answer.status
+        if answer.status >= 400:
+            ctx.error_code = "upstream_error"
+            out = answer.body if is_error_body(answer.body) else policy_error_body(answer.status)
+        else:
+            prompt, completion, ctx.speculation = usage_of(answer.body)
+            ctx.prompt_tokens = prompt if prompt is not None else ctx.prompt_tokens
+            ctx.completion_tokens = completion or 0
+            out = answer.body
+        await self._finish(ctx)
+        return JSONResponse(out, status_code=answer.status, headers=policy.rate_headers(ctx))
+
+    async def _stream(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], keep_usage: bool):
+        assert ctx.decision is not None
+        events = self.engine.stream(ctx.decision.upstream, endpoint, body).__aiter__()
+        try:
+            first = await events.__anext__()
+        except UpstreamUnavailable:
+            raise ApiError(
+                503, "No replica can serve this request right now; retry shortly", code="no_upstream"
+            ) from None
+        except StopAsyncIteration:
+            first = None
+        ctx.ttft = time.perf_counter()
+        refused = first_event_error(first)
+        if refused is not None:  # refused before any token: answer with a status the SDK maps, not a 200 stream
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+            raise refused
+        tally = StreamTally()
+        return StreamingResponse(
+            self._relay(ctx, events, first, tally, keep_usage),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **policy.rate_headers(ctx)},
+        )
+
+    async def _relay(
+        self, ctx: RequestContext, events: AsyncIterator[str], first: str | None, tally: StreamTally, keep: bool
+    ) -> AsyncIterator[str]:
+        detached = False
+        try:
+            if first is not None:
+                out = inspect_chunk(first, tally, keep)
+                if out is not None:
+                    yield out
+                async for event in events:
+                    out = inspect_chunk(event, tally, keep)
+                    if out is not None:
+                        yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            detached, ctx.status, ctx.error_code = True, 499, "client_disconnected"
+            raise
+        except UpstreamUnavailable:
+            ctx.status, ctx.error_code = 503, "no_upstream"
+            yield 'data: {"error": {"message": "The replica went away mid-stream", "type": "service_unavailable"}}\n\n'
+        except Exception as exc:
+            log.error("stream relay failed (request %s): %s", ctx.request_id, type(exc).__name__)
+            ctx.status, ctx.error_code = 502, "upstream_error"
+            yield 'data: {"error": {"message": "The stream failed upstream", "type": "server_error"}}\n\n'
+        finally:
+            if tally.error is not None and ctx.status < 400:
+                ctx.status, ctx.error_code = 500, str(tally.error.get("code") or "upstream_error")
+            if tally.prompt_tokens is not None:
+                ctx.prompt_tokens = tally.prompt_tokens
+            ctx.completion_tokens = tally.completion_tokens if tally.completion_tokens is not None else tally.chunks
+            ctx.speculation = tally.speculation
+            if detached:  # this task is being cancelled: any await here could be cut short, so hand it off
+                self._spawn(self._close_and_finish(events, ctx))
+            else:
+                await self._close_and_finish(events, ctx)
+
+    async def _close_and_finish(self, events: AsyncIterator[str], ctx: RequestContext) -> None:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+        await self._finish(ctx)
+
+    # --- the end of every request ------------------------------------------------------------------------
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        """Free slots, reconcile tokens, advance budgets, hand the record over; never raises."""
+        if ctx.finished:
+            return
+        ctx.finished = True
+        if ctx.holds_upstream and ctx.decision is not None:
+            self.in_flight[ctx.decision.upstream] = max(self.in_flight.get(ctx.decision.upstream, 1) - 1, 0)
+        try:
+            if ctx.admission is not None:
+                await self.limiter.finish(ctx.admission, ctx.completion_tokens)
+                tokens = ctx.prompt_tokens + ctx.completion_tokens
+                await self.budgets.add(ctx.admission.subjects, tokens, ctx.started_at)
+        except Exception:
+            log.exception("limit release failed (request %s)", ctx.request_id)
+        self.record(self.to_record(ctx))
+
+    def to_record(self, ctx: RequestContext) -> RequestRecord:
+        now = time.perf_counter()
+        p, d = ctx.principal, ctx.decision
+        return RequestRecord(
+            request_id=ctx.request_id,
+            tenant_id=p.tenant_id if p else None,
+            key_id=p.key_id if p else None,
+            endpoint=ctx.endpoint,
+            model=ctx.model,
+            profile=d.profile if d else None,
+            upstream=d.upstream if d else None,
+            routing_reason=d.reason if d else None,
+            status=ctx.status,
+            error_code=ctx.error_code,
+            stream=ctx.stream,
+            prompt_tokens=ctx.prompt_tokens if ctx.admission is not None else 0,
+            completion_tokens=ctx.completion_tokens,
+            started_at=ctx.started_at,
+            latency_ms=(now - ctx.started) * 1000,
+            ttft_ms=(ctx.ttft - ctx.started) * 1000 if ctx.ttft is not None else None,
+            speculation=ctx.speculation,
+            key_prefix=ctx.key_prefix,
+            client_address=ctx.client_address,
+        )
+
+    def record(self, record: RequestRecord) -> None:
+        for recorder in self.recorders:
+            try:
+                recorder.record(record)
+            except Exception:
+                log.exception("recorder %s failed", type(recorder).__name__)
+        log.debug(
+            "request %s tenant=%s endpoint=%s model=%s profile=%s status=%s latency_ms=%.1f",
+            record.request_id,
+            record.tenant_id,
+            record.endpoint,
+            record.model,
+            record.profile,
+            record.status,
+            record.latency_ms,
+        )
+
+
+def first_event_error(event: str | None) -> ApiError | None:
+    """An engine error sent as the first SSE event, as an ApiError with the engine's status (default 500)."""
+    if event is None or '"error"' not in event or not event.startswith("data:"):
+        return None
+    event = split_events(event)[0]
+    try:
+        data = json.loads(event[5:])
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return ApiError(
+        status,
+        str(error.get("message") or "The engine refused the request"),
+        code=None if isinstance(code, int) else code,
+        param=error.get("param"),
+        type=error.get("type"),
+    )
+
+
+def policy_error_body(status: int) -> dict[str, Any]:
+    return ApiError(status, "The engine could not complete the request", code="upstream_error").body()

@@ -1,0 +1,1 @@
+"""Routing: which profile (and later which replica) serves a request, and why."""

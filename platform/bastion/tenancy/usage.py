@@ -1,0 +1,225 @@
+"""Usage accounting: one RequestRecord per request, handed to recorders, and the batched usage-counter writer.
+
+`RequestRecorder.record()` must not block or raise: the gateway calls it on the request path after the response
+is done. The audit writer implements the same protocol; `UsageRecorder` aggregates records in memory and
+upserts `usage_counters` (one row per tenant, period, model and profile; day and month periods) in one
+transaction per flush, so the database sees a few statements a second rather than one per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bastion.db.models import KeyUsageCounter, UsageCounter, utcnow
+from bastion.tenancy.budgets import day_period, month_period
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """From vLLM's `metrics.speculative_decoding` (per-request summary)."""
+
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_spec_steps: int = 0
+    acceptance_rate: float | None = None
+    mean_acceptance_length: float | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> SpeculationStats | None:
+        if not isinstance(data, dict):
+            return None
+
+        def num(*names: str) -> float | None:
+            for name in names:
+                value = data.get(name)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    return value
+            return None
+
+        drafts = int(num("num_draft_tokens") or 0)
+        accepted = int(num("num_accepted_draft_tokens", "num_accepted_tokens") or 0)
+        rate = num("draft_acceptance_rate", "acceptance_rate")
+        if rate is None and drafts:
+            rate = accepted / drafts
+        return cls(drafts, accepted, int(num("num_spec_steps") or 0), rate, num("mean_acceptance_length"))
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """Everything Bastion keeps about one request: no prompt or completion text, no secrets."""
+
+    request_id: str
+    tenant_id: str | None
+    key_id: str | None
+    endpoint: str  # chat | completion | models | usage
+    model: str | None
+    profile: str | None
+    upstream: str | None
+    routing_reason: str | None
+    status: int
+    error_code: str | None
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    started_at: datetime
+    latency_ms: float
+    ttft_ms: float | None = None
+    speculation: SpeculationStats | None = None
+    key_prefix: str | None = None  # the public part of the presented key, also when it was refused
+    client_address: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class RequestRecorder(Protocol):
+    def record(self, record: RequestRecord) -> None:
+        """Take the record without blocking (queue it); never raise into the request."""
+        ...
+
+
+@dataclass
+class _Bucket:
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+class UsageRecorder:
+    """Aggregates inference records into usage counters; `flush()` writes them (the gateway calls it each second)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._pending: dict[tuple[str, str, str, str], _Bucket] = defaultdict(_Bucket)
+        self._keys: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (key, period) → [requests, tokens]
+
+    def record(self, record: RequestRecord) -> None:
+        if record.tenant_id is None or record.model is None or record.endpoint not in ("chat", "completion"):
+            return
+        profile = record.profile or ""
+        for period in (day_period(record.started_at), month_period(record.started_at)):
+            bucket = self._pending[(record.tenant_id, period, record.model, profile)]
+            bucket.requests += 1
+            bucket.errors += record.status >= 400
+            bucket.prompt_tokens += record.prompt_tokens
+            bucket.completion_tokens += record.completion_tokens
+            if record.speculation is not None:
+                bucket.draft_tokens += record.speculation.num_draft_tokens
+                bucket.accepted_tokens += record.speculation.num_accepted_tokens
+            if record.key_id is not None:
+                totals = self._keys[(record.key_id, period)]
+                totals[0] += 1
+                totals[1] += record.total_tokens
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def flush(self) -> int:
+        """Upsert every pending bucket in one transaction; on failure the buckets are kept for the next flush."""
+        if not self._pending and not self._keys:
+            return 0
+        pending, self._pending = self._pending, defaultdict(_Bucket)
+        key_totals, self._keys = self._keys, defaultdict(lambda: [0, 0])
+        try:
+            async with self._sessions() as session:
+                dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+                insert = pg_insert if dialect == "postgresql" else sqlite_insert
+                now = utcnow()
+                for (key_id, period), (requests, tokens) in key_totals.items():
+                    stmt = insert(KeyUsageCounter).values(
+                        key_id=key_id, period=period, requests=requests, tokens=tokens, updated_at=now
+                    )
+                    cols = KeyUsageCounter.__table__.c
+                    stmt = stmt.on_conflict_do_update(
+                        index_elements=["key_id", "period"],
+                        set_={"requests": cols.requests + requests, "tokens": cols.tokens + tokens, "updated_at": now},
+                    )
+                    await session.execute(stmt)
+                for (tenant_id, period, model, profile), b in pending.items():
+                    values = {
+                        "requests": b.requests,
+                        "errors": b.errors,
+                        "prompt_tokens": b.prompt_tokens,
+                        "completion_tokens": b.completion_tokens,
+                        "draft_tokens": b.draft_tokens,
+                        "accepted_tokens": b.accepted_tokens,
+                    }
+                    stmt = insert(UsageCounter).values(
+                        tenant_id=tenant_id, period=period, model=model, profile=profile, updated_at=now, **values
+                    )
+                    stmt = stmt.on_conflict_do_update(
+                        index_elements=["tenant_id", "period", "model", "profile"],
+                        set_={
+                            **{k: getattr(UsageCounter.__table__.c, k) + v for k, v in values.items()},
+                            "updated_at": now,
+                        },
+                    )
+                    await session.execute(stmt)
+                await session.commit()
+        except Exception:
+            log.exception("usage counters: flush failed; keeping %d buckets for the next try", len(pending))
+            for key, b in pending.items():
+                mine = self._pending[key]
+                for name in vars(b):
+                    setattr(mine, name, getattr(mine, name) + getattr(b, name))
+            for key, (requests, tokens) in key_totals.items():
+                self._keys[key][0] += requests
+                self._keys[key][1] += tokens
+            raise
+        return len(pending)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    period: str
+    model: str
+    profile: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    draft_tokens: int
+    accepted_tokens: int
+
+
+async def usage_for_tenant(
+    sessions: async_sessionmaker[AsyncSession], tenant_id: str, *, periods: list[str] | None = None
+) -> list[UsageRow]:
+    """The tenant's counters (optionally only some periods), newest period first."""
+    query = select(UsageCounter).where(UsageCounter.tenant_id == tenant_id)
+    if periods:
+        query = query.where(UsageCounter.period.in_(periods))
+    query = query.order_by(UsageCounter.period.desc(), UsageCounter.model, UsageCounter.profile)
+    async with sessions() as session:
+        rows = (await session.execute(query)).scalars().all()
+    return [
+        UsageRow(
+            r.period,
+            r.model,
+            r.profile,
+            r.requests,
+            r.errors,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.draft_tokens,
+            r.accepted_tokens,
+        )
+        for r in rows
+    ]
