@@ -49,3 +49,25 @@ else
     2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
   echo "$want" >"$stamp"
 fi
+
+# --- test identity provider (oidc-provider on Node, tests/oidc) and Chromium for the console browser tests --
+oidc_lock="$(sha256sum tests/oidc/package-lock.json | cut -d' ' -f1)"
+oidc_stamp=tests/oidc/node_modules/.bastion-installed
+if [[ -d tests/oidc/node_modules/oidc-provider && -f "$oidc_stamp" && "$(cat "$oidc_stamp")" == "$oidc_lock" ]]; then
+  echo "tools: tests/oidc node modules present"
+else
+  echo "tools: npm ci in tests/oidc (oidc-provider)"
+  (cd tests/oidc && npm ci --no-audit --no-fund --silent)
+  echo "$oidc_lock" >"$oidc_stamp"
+fi
+if [[ -x /usr/bin/chromium ]]; then
+  echo "tools: chromium present"
+else
+  echo "tools: installing chromium (apt)"
+  if [[ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit 2>/dev/null)" ]]; then
+    apt-get update -qq
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  }
+fi

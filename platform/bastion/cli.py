@@ -11,6 +11,7 @@ from rich.console import Console
 
 from bastion import __version__
 from bastion.config import load_config
+from bastion.control.command import control_app
 from bastion.errors import BastionError
 from bastion.pool.command import plan as plan_command
 from bastion.tenancy.commands import keys_app, tenants_app
@@ -28,6 +29,7 @@ app.add_typer(db_app, name="db")
 app.command("plan")(plan_command)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(control_app, name="control")
 
 out = Console()
 _state = {"debug": False}
