@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def redis_url() -> Iterator[str]:
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BASTION_TEST_DATA_DIR", ROOT / ".bastion-data"))
+SERVE_PORT = 18123
 
 
 @pytest.fixture(scope="session")
@@ -85,11 +87,15 @@ def engine_test_config(tmp_dir: Path, dtype: str = "float32") -> Path:
     """A platform file for the tests: float32 (so greedy output with and without speculation match)."""
     import yaml
 
+    from bastion.audit.signing import keygen
+
     text = (ROOT / "deploy/local/bastion.yaml").read_text()
     data = yaml.safe_load(text)
     data["data_dir"] = str(DATA_DIR)
     data["database"]["url"] = f"sqlite+aiosqlite:///{tmp_dir / 'bastion.db'}"
     data["models"][0]["dtype"] = dtype
+    keys = keygen(tmp_dir / "audit-keys")
+    data["audit"] = {"signing_key_file": str(keys["private"]), "content_key_file": str(keys["content"])}
     path = tmp_dir / "platform.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -102,7 +108,7 @@ def ray_cluster() -> Iterator[None]:
     from ray import serve
 
     ray.init(num_cpus=6, include_dashboard=False, namespace="bastion-tests", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 18123})
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     try:
         yield
     finally:
@@ -110,20 +116,70 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
+@dataclass
+class PlatformStack:
+    """The whole platform deployed once: gateway ingress + both engine replicas, behind Serve's HTTP proxy."""
+
+    config: object
+    config_path: Path
+    base_url: str
+    token: str
+    apps: list
+
+
+async def _bootstrap_key(config) -> str:
+    from bastion.serve.runner import bootstrap_tenant
+
+    token = await bootstrap_tenant(config)
+    assert token, "the test database already had tenants"
+    return token
+
+
+def _wait_for_route(url: str, timeout_s: float = 60) -> None:
+    """Serve reports the app running before every proxy has its route: wait until the proxy answers."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
-def engine_config(bundled_model: Path, tmp_path_factory: pytest.TempPathFactory):
+def platform_stack(ray_cluster: None, bundled_model: Path, tmp_path_factory: pytest.TempPathFactory) -> PlatformStack:
+    import asyncio
+
+    from ray import serve
+
     from bastion.config import Settings, load_config
+    from bastion.db import migrate
+    from bastion.serve.app import build_app, engine_apps
 
-    return load_config(engine_test_config(tmp_path_factory.mktemp("engines")), Settings())
+    path = engine_test_config(tmp_path_factory.mktemp("platform"))
+    config = load_config(path, Settings())
+    migrate.upgrade(config.database.url)
+    token = asyncio.run(_bootstrap_key(config))
+    serve.run(build_app({"config": str(path)}), name="bastion", route_prefix="/")
+    _wait_for_route(f"http://127.0.0.1:{SERVE_PORT}/healthz")
+    return PlatformStack(config, path, f"http://127.0.0.1:{SERVE_PORT}/v1", token, engine_apps(config))
 
 
 @pytest.fixture(scope="session")
-def engine_handles(ray_cluster: None, engine_config) -> dict:
-    """Both engine deployments of the embedded default (fast-agentic: ngram; deep-context: none), by profile."""
-    from ray.serve.api import RunTarget, run_many
+def engine_config(platform_stack: PlatformStack):
+    return platform_stack.config
 
-    from bastion.serve.app import engine_apps
 
-    apps = engine_apps(engine_config)
-    handles = run_many([RunTarget(a.app, name=a.name, route_prefix=None) for a in apps])
-    return {a.profile: h for a, h in zip(apps, handles, strict=True)}
+@pytest.fixture(scope="session")
+def engine_handles(platform_stack: PlatformStack) -> dict:
+    """Handles to both engine deployments of the platform app (fast-agentic: ngram; deep-context: none)."""
+    from ray import serve
+
+    return {a.profile: serve.get_deployment_handle(a.name, app_name="bastion") for a in platform_stack.apps}

@@ -26,6 +26,7 @@ class ModelConfig(Strict):
     source: str = Field(description="a local folder, or bundled:NAME for a model Bastion builds itself")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(gt=0)
+    tool_parser: str | None = Field(default=None, description="vLLM tool-call parser, e.g. hermes; None: no tools")
 
     @property
     def bundled_name(self) -> str | None:

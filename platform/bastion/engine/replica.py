@@ -83,10 +83,8 @@ class EngineReplica:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = dict(self.spec.engine_kwargs)
-        tool_parser = kwargs.pop("tool_parser", None)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        self._build_openai_layer(tool_parser)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.spec.engine_kwargs))
+        self._build_openai_layer(self.spec.tool_parser)
         self.started_at = time.time()
         log.info("engine ready: %s@%s", self.spec.model, self.spec.profile)
 

@@ -38,6 +38,7 @@ class EngineSpec:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     speculative: bool = False
     verify_manifest: bool = True
+    tool_parser: str | None = None  # vLLM's OpenAI layer, not an engine argument
 
 
 def mtp_layers(folder: Path) -> int:
@@ -110,6 +111,7 @@ def engine_spec(config: PlatformConfig, dep: DeploymentConfig) -> EngineSpec:
         kwargs["per_request_spec_decode_metrics"] = "summary"
     kwargs.update(profile.engine_args)
     return EngineSpec(
+        tool_parser=model.tool_parser,
         model=model.name,
         profile=dep.profile,
         path=str(folder),

@@ -7,8 +7,10 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from bastion.audit.service import build_writer
 from bastion.config import load_config
 from bastion.gateway.app import create_app
+from bastion.gateway.audit_recorder import AuditRecorder
 from bastion.gateway.upstream import UpstreamInfo
 from bastion.serve.engine_client import RayEngineClient
 
@@ -18,9 +20,15 @@ from bastion.serve.engine_client import RayEngineClient
 class GatewayIngress:
     """Built at replica start: the config file is read in the replica, handles arrive bound by Serve."""
 
-    def __init__(self, config_path: str, upstreams: list[tuple[dict[str, Any], DeploymentHandle]]) -> None:
+    async def __init__(self, config_path: str, upstreams: list[tuple[dict[str, Any], DeploymentHandle]]) -> None:
         self.config = load_config(config_path)
         self.client = RayEngineClient([(UpstreamInfo(**info), handle) for info, handle in upstreams])
+        self.audit = await build_writer(self.config).start()
+        methods = {name: p.speculative.method for name, p in self.config.profiles.items()}
+        self.recorder = AuditRecorder(self.audit, methods)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.config, self.client)
+        return create_app(self.config, self.client, recorders=[self.recorder])
+
+    async def __del__(self) -> None:
+        await self.audit.close(timeout=10)

@@ -75,25 +75,14 @@ def check_address(config: PlatformConfig) -> None:
 
 async def bootstrap_tenant(config: PlatformConfig) -> str | None:
     """On first start (no tenants yet) create tenant `default` and a key; return the key, shown once, else None."""
-    from sqlalchemy import func, select
-
-    from bastion.db.models import Tenant
     from bastion.db.session import create_engine, session_factory
     from bastion.tenancy import keys
-    from bastion.tenancy.apikeys import KeyService
-    from bastion.tenancy.tenants import TenantService
+    from bastion.tenancy.bootstrap import ensure_bootstrap
 
     engine = create_engine(config.database.url)
     try:
-        sessions = session_factory(engine)
-        async with sessions() as session:
-            if (await session.execute(select(func.count()).select_from(Tenant))).scalar_one():
-                return None
-        await TenantService(sessions).create("default")
         pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
-        created = await KeyService(sessions, pepper).create(
-            "default", name="bootstrap", scopes=("inference", "usage:read")
-        )
-        return created.token
+        created = await ensure_bootstrap(session_factory(engine), pepper)
+        return created.token if created else None
     finally:
         await engine.dispose()
