@@ -366,6 +366,36 @@ def bench_engine(
     out.print_json(json.dumps(result))
 
 
+@bench_app.command("gateway")
+def bench_gateway(
+    requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 2000,
+    seconds: Annotated[float, typer.Option(help="time cap per level")] = 10.0,
+    redis_url: Annotated[str | None, typer.Option(help="shared limits in this Redis (default: in-process)")] = None,
+) -> None:
+    """The gateway's own overhead: full policy path against a bare relay of the same app and scripted engine."""
+    from bastion.gateway.bench import markdown, run_gateway_bench
+
+    result = run_gateway_bench(requests_per_level=requests, seconds_per_level=seconds, redis_url=redis_url)
+    out.print(markdown(result))
+
+
+@bench_app.command("audit")
+def bench_audit(
+    database_url: Annotated[str, typer.Option(help="a scratch PostgreSQL database (events are really written)")],
+    events: Annotated[int, typer.Option(help="events to write")] = 50_000,
+    batch_size: Annotated[int, typer.Option(help="rows per insert")] = 2000,
+) -> None:
+    """Audit events per second written in batches, and the p99 cost of enqueueing on the request path."""
+    import asyncio
+    import json
+
+    from bastion.audit.bench import bench_audit as run
+    from bastion.db import migrate
+
+    migrate.upgrade(database_url)
+    out.print_json(json.dumps(asyncio.run(run(database_url, events=events, batch_size=batch_size))))
+
+
 def main() -> None:
     """Entry point: turn Bastion's errors into one line on stderr and exit 1."""
     try:
