@@ -107,7 +107,8 @@ def ray_cluster() -> Iterator[None]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=6, include_dashboard=False, namespace="bastion-tests", log_to_driver=False)
+    # "local": always a fresh cluster of our own, never one another process left running on this machine.
+    ray.init(address="local", num_cpus=6, include_dashboard=False, namespace="bastion-tests", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     try:
         yield

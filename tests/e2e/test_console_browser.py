@@ -38,7 +38,7 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> h.TestIdp:
     return h.shared_idp(tmp_path_factory.mktemp("idp"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: the sync API keeps an event loop running in this thread while open
 def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 

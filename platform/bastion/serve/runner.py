@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bastion.config.schema import PlatformConfig
 from bastion.engine.model_store import BUNDLED, model_path, prepare_bundled, verify_manifest
 from bastion.errors import BastionError
+from bastion.pool import placement
+from bastion.pool.catalog import gpu_classes
 
 APP_NAME = "bastion"
+log = logging.getLogger(__name__)
 
 
 def prepare_models(config: PlatformConfig, progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
@@ -38,7 +43,7 @@ def start_ray(config: PlatformConfig) -> None:
     from ray import serve
 
     ray.init(
-        address=config.ray.address,
+        address=config.ray.address or "local",  # "local": a new cluster, never one left running by someone else
         num_cpus=config.ray.num_cpus if config.ray.address is None else None,
         include_dashboard=False,
         namespace="bastion",
@@ -46,12 +51,165 @@ def start_ray(config: PlatformConfig) -> None:
     serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
 
 
-def deploy(config_path: Path) -> None:
-    from ray import serve
+PLACEMENT_TIMEOUT_S = 600.0  # a replica that is placed may still take minutes to load a large model
 
+
+def placement_demands(config: PlatformConfig) -> list[placement.Demand]:
+    """What each deployment asks Ray for, from the very options Serve gets (autoscaling: the initial count)."""
+    from bastion.serve.options import deployment_options
+
+    demands = []
+    for dep in config.deployments:
+        options = deployment_options(config, dep)
+        replicas = options.get("num_replicas", options.get("autoscaling_config", {}).get("initial_replicas", 1))
+        demands.append(
+            placement.demand_from_actor_options(dep.name, options["ray_actor_options"], int(replicas), dep.gpu_class)
+        )
+    return demands
+
+
+def weights_gib(config: PlatformConfig, model: str) -> float | None:
+    """The model's weight files on disk in GiB, None when the folder is not on this machine (a remote cluster)."""
+    path = Path(config.model(model).source)
+    if not path.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return size / 2**30 if size else None
+
+
+def tp_hints(config: PlatformConfig) -> dict[str, int]:
+    classes = gpu_classes(config.gpu_pool)
+    entries = [(d.name, d.gpu_class, d.gpus_per_replica, weights_gib(config, d.model)) for d in config.deployments]
+    return placement.tensor_parallel_hints(entries, classes)
+
+
+def check_placement(config: PlatformConfig, nodes: list[dict[str, Any]] | None = None) -> placement.PlacementReport:
+    """Raise PlacementError naming what is missing when the cluster cannot host every replica; warn about
+    deployments whose weights need more cards than they ask for (tensor parallelism)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    hints = tp_hints(config)
+    for name, need in hints.items():
+        log.warning("%s: the weights need %d cards per replica (tensor parallelism); set gpus_per_replica", name, need)
+    report = placement.check(
+        placement_demands(config), placement.nodes_from_ray(nodes), gpu_classes(config.gpu_pool), hints
+    )
+    report.raise_if_failed()
+    return report
+
+
+def deploy(config_path: Path, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+    """Check placement, deploy without blocking, then watch until RUNNING: fail loudly, never 'deploying' forever."""
+    from bastion.config import load_config
     from bastion.serve.app import build_app
 
-    serve.run(build_app({"config": str(config_path)}), name=APP_NAME, route_prefix="/")
+    config = load_config(config_path)
+    check_placement(config)  # before building: an unplaceable pool fails before any replica is asked for
+    deploy_app(build_app({"config": str(config_path)}), config, APP_NAME, timeout_s=timeout_s, check=False)
+
+
+def deploy_app(
+    app: Any,
+    config: PlatformConfig,
+    name: str,
+    *,
+    route_prefix: str | None = "/",
+    timeout_s: float = PLACEMENT_TIMEOUT_S,
+    check: bool = True,
+) -> None:
+    """Deploy a Serve application built from `config`'s deployments, guarded by the placement check and the
+    watchdog (the multi-node test runs stand-in deployments through this same path)."""
+    from ray import serve
+
+    if check:
+        check_placement(config)
+    # Serve's own `run` waits for RUNNING with no limit; deploy without waiting and watch instead.
+    serve._run(app, _blocking=False, name=name, route_prefix=route_prefix)
+    wait_until_running(name, placement_demands(config), timeout_s=timeout_s)
+
+
+def wait_until_running(
+    app_name: str,
+    demands: list[placement.Demand],
+    *,
+    timeout_s: float = PLACEMENT_TIMEOUT_S,
+    poll_s: float = 1.0,
+    status: Callable[[], Any] | None = None,
+    nodes: Callable[[], list[placement.NodeCapacity]] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Poll Serve until the application runs; never wait silently.
+
+    A deployment that is not yet healthy is checked against the live nodes every poll: when no node could ever
+    hold one of its replicas (a class with no node, a node that left) it fails at once with the placement
+    check's message. A replica that could fit but waits (a busy cluster, a slow worker start or runtime-env
+    install, a large model loading) gets until `timeout_s`; the timeout error repeats what Serve said about it
+    (Serve's slow-scheduling notice names the resources it waits for)."""
+    if status is None:
+        from ray import serve
+
+        status = serve.status
+    if nodes is None:
+        import ray
+
+        def nodes() -> list[placement.NodeCapacity]:
+            return placement.nodes_from_ray(ray.nodes())
+
+    deadline = clock() + timeout_s
+    by_name = {placement_name(d.name): d for d in demands}
+    while True:
+        app = status().applications.get(app_name)
+        waiting: dict[str, Any] = {}
+        if app is not None:
+            state = _value(app.status)
+            if state == "RUNNING":
+                return
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                details = "; ".join(f"{n}: {d.message}" for n, d in app.deployments.items() if d.message) or app.message
+                raise DeploymentFailed(f"application {app_name} failed to deploy: {details}")
+            waiting = {n: d for n, d in app.deployments.items() if _value(d.status) != "HEALTHY"}
+            pending = [by_name[n] for n in waiting if n in by_name]
+            if pending:
+                report = placement.check(pending, nodes())
+                if not report.ok:
+                    raise placement.PlacementError(
+                        f"application {app_name} cannot be placed on this Ray cluster: {report.message()}"
+                    )
+        if clock() >= deadline:
+            detail = [
+                f"{n} ({_value(d.status)}, replicas {dict(d.replica_states or {})}"
+                + (f": {d.message}" if d.message else "")
+                + ")"
+                for n, d in waiting.items()
+            ]
+            raise DeploymentTimeout(
+                f"application {app_name} is not running after {timeout_s:g} s; still waiting for: "
+                + ("; ".join(detail) or "the application to be created")
+            )
+        sleep(poll_s)
+
+
+def _value(status: Any) -> str:
+    return str(getattr(status, "value", status))
+
+
+class DeploymentFailed(BastionError):
+    """Serve gave up on a deployment (its constructor failed, or it became unhealthy while starting)."""
+
+
+class DeploymentTimeout(BastionError):
+    """The application did not reach RUNNING in time."""
+
+
+def placement_name(dep_name: str) -> str:
+    """The Serve deployment name for a `model@profile` demand name."""
+    from bastion.serve.options import deployment_name
+
+    model, _, profile = dep_name.partition("@")
+    return deployment_name(model, profile)
 
 
 def wait_forever(should_stop: Callable[[], bool] = lambda: False) -> None:
