@@ -12,6 +12,14 @@ APP_NAME = "bastion"
 APP_IMPORT_PATH = "bastion.serve.app:build_app"
 GRACEFUL_SHUTDOWN_S = 30.0
 HEALTH_CHECK_PERIOD_S = 5.0
+# Replica choice within a deployment (session affinity, then power of two choices): an import path string, so
+# the Serve config export and the Helm chart's serveConfigV2 carry it as text and only Serve imports Ray's router.
+REQUEST_ROUTER_CLASS = "bastion.serve.router:SessionAffinityRouter"
+
+
+def request_router_config() -> dict[str, Any]:
+    """The `request_router_config` deployment option (plain data; Serve resolves the class on deploy)."""
+    return {"request_router_class": REQUEST_ROUTER_CLASS}
 
 
 def deployment_name(model: str, profile: str) -> str:
@@ -39,6 +47,7 @@ def deployment_options(config: PlatformConfig, dep: DeploymentConfig) -> dict[st
         "ray_actor_options": ray_actor_options(config, dep),
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "request_router_config": request_router_config(),
     }
     if dep.min_replicas is not None or dep.max_replicas is not None:
         low = dep.min_replicas if dep.min_replicas is not None else dep.replicas
