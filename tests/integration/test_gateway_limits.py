@@ -18,7 +18,7 @@ from sqlalchemy import select
 from bastion.config.schema import LimitsConfig
 from bastion.db import migrate
 from bastion.db.models import KeyUsageCounter
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
+from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 
 pytestmark = pytest.mark.integration
 MSG = {"role": "user", "content": "one two three four five six seven eight nine ten"}  # 13 prompt tokens
@@ -124,7 +124,8 @@ async def test_concurrency_is_shared_across_replicas(pair: list[Stack], engine: 
     _, token = await tenant_with_key(pair[0], LimitsConfig(concurrent_requests=3))
     engine.gate = asyncio.Event()
     tasks = [asyncio.create_task(chat(pair[i % 2], token)) for i in range(10)]
-    await asyncio.sleep(0.5)
+    await until(lambda: sum(t.done() for t in tasks) >= 7)
+    await asyncio.sleep(0.2)  # and no more than 7 finish while three are held
     refused = [t for t in tasks if t.done()]
     assert len(refused) == 7 and all(t.result().status_code == 429 for t in refused)
     engine.gate.set()
@@ -136,8 +137,9 @@ async def test_concurrency_is_shared_across_replicas(pair: list[Stack], engine: 
 async def test_concurrency_limit(single: Stack, engine: ScriptedEngine) -> None:
     _, token = await tenant_with_key(single, LimitsConfig(concurrent_requests=2))
     engine.gate = asyncio.Event()
+    seen = len(engine.seen)
     held = [asyncio.create_task(chat(single, token)) for _ in range(2)]
-    await asyncio.sleep(0.2)
+    await until(lambda: len(engine.seen) >= seen + 2)  # both hold their slot inside the engine
     refused = await asyncio.gather(*(chat(single, token) for _ in range(3)))
     assert [r.status_code for r in refused] == [429] * 3
     assert refused[0].json()["error"]["code"] == "concurrent_requests" and refused[0].headers["retry-after"] == "1"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bastion.db import migrate
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
+from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 from bastion.tenancy.usage import RequestRecord
 
 pytestmark = pytest.mark.integration
@@ -99,10 +99,10 @@ async def test_overflow_when_saturated(stack: Stack, engine: ScriptedEngine, rec
     token = await key_for(stack)
     engine.gate = asyncio.Event()
     held = asyncio.create_task(chat(stack, token))  # takes fast-agentic's only slot
-    await asyncio.sleep(0.1)
+    await until(lambda: stack.gateway.in_flight.get("engine-m1--fast-agentic") == 1)
     assert stack.gateway.in_flight == {"engine-m1--fast-agentic": 1}
     overflow = asyncio.create_task(chat(stack, token))  # short prompt → fast, full → deep
-    await asyncio.sleep(0.1)
+    await until(lambda: stack.gateway.in_flight.get("engine-m1--deep-context") == 1)
     pinned = await chat(stack, token, model="m1@fast-agentic")  # explicit: no overflow
     assert pinned.status_code == 429 and pinned.json()["error"]["code"] == "profile_saturated"
     full = await chat(stack, token)  # both full

@@ -245,3 +245,13 @@ async def gateway_stack(config, engine: ScriptedEngine, **app_kwargs: Any) -> As
         await client.aclose()
         await app.state.gateway.aclose()
         await db.dispose()
+
+
+async def until(predicate: Any, timeout_s: float = 20.0, step_s: float = 0.02) -> None:
+    """Wait until `predicate()` is true: tests hold requests in flight without guessing how long a loaded
+    machine takes to get them there."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(step_s)
