@@ -137,9 +137,8 @@ async def test_concurrency_is_shared_across_replicas(pair: list[Stack], engine: 
 async def test_concurrency_limit(single: Stack, engine: ScriptedEngine) -> None:
     _, token = await tenant_with_key(single, LimitsConfig(concurrent_requests=2))
     engine.gate = asyncio.Event()
-    seen = len(engine.seen)
     held = [asyncio.create_task(chat(single, token)) for _ in range(2)]
-    await until(lambda: len(engine.seen) >= seen + 2)  # both hold their slot inside the engine
+    await until(lambda: sum(single.gateway.in_flight.values()) == 2)  # both hold their slot, in the engine
     refused = await asyncio.gather(*(chat(single, token) for _ in range(3)))
     assert [r.status_code for r in refused] == [429] * 3
     assert refused[0].json()["error"]["code"] == "concurrent_requests" and refused[0].headers["retry-after"] == "1"
