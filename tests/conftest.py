@@ -108,7 +108,16 @@ def ray_cluster() -> Iterator[None]:
     from ray import serve
 
     # "local": always a fresh cluster of our own, never one another process left running on this machine.
-    ray.init(address="local", num_cpus=6, include_dashboard=False, namespace="bastion-tests", log_to_driver=False)
+    from bastion.serve import loopback
+
+    ray.init(
+        address="local",
+        num_cpus=6,
+        include_dashboard=False,
+        namespace="bastion-tests",
+        log_to_driver=False,
+        runtime_env=loopback.runtime_env(),
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     try:
         yield

@@ -303,7 +303,9 @@ def serve_command(
         sys.stdout.write(yaml.safe_dump(serve_config(platform, str(path)), sort_keys=False))
         return
     from bastion.serve import runner
+    from bastion.telemetry.logging import configure_logging
 
+    configure_logging("DEBUG" if _state["debug"] else "INFO")
     runner.check_address(platform)
     runner.prepare_models(platform)
     runner.start_ray(platform)
@@ -320,7 +322,9 @@ def run_command(config: ConfigOption = None) -> None:
     from bastion.config import Settings
     from bastion.db import migrate
     from bastion.serve import runner
+    from bastion.telemetry.logging import configure_logging
 
+    configure_logging("DEBUG" if _state["debug"] else "INFO")
     path = config or Settings().config
     platform = load_config(path)
     runner.check_address(platform)

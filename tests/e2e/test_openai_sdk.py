@@ -146,7 +146,12 @@ async def test_requests_and_auth_failures_are_audited(platform_stack) -> None:
 
     ids = {"ok": f"e2e-{uuid.uuid4().hex}", "stream": f"e2e-{uuid.uuid4().hex}", "bad": f"e2e-{uuid.uuid4().hex}"}
     prompt = "List the numbers from 1 to 30, separated by commas."  # repetitive: n-gram drafts find matches
-    body = {"model": f"{MODEL}@fast-agentic", "messages": [{"role": "user", "content": prompt}], "max_tokens": 32}
+    body = {
+        "model": f"{MODEL}@fast-agentic",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
     auth = {"Authorization": f"Bearer {platform_stack.token}"}
     async with httpx.AsyncClient(base_url=platform_stack.base_url, timeout=120) as http:
         ok = await http.post("/chat/completions", json=body, headers={**auth, "x-request-id": ids["ok"]})
@@ -179,3 +184,22 @@ async def test_requests_and_auth_failures_are_audited(platform_stack) -> None:
 
     report = await service.verify(platform_stack.config, actor="e2e-test")
     assert report.ok and report.events >= 3
+
+
+def test_every_platform_process_listens_on_loopback_only(platform_stack) -> None:
+    import psutil
+
+    ours = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        try:
+            proc = psutil.Process(conn.pid)
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "ray" in cmdline or "VLLM" in proc.name() or "ray::" in proc.name():
+            ours.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+    assert ours, "found no Ray process listening at all"
+    exposed = [c for c in ours if c[1] not in ("127.0.0.1", "::1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"

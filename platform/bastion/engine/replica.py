@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from bastion.engine.model_store import verify_manifest
 from bastion.engine.spec import EngineSpec, check_mtp
 from bastion.engine.speculation import SpeculationStats, engine_totals
+from bastion.engine.tracing import ReplicaTracing, request_timings, split_trace
 
 log = logging.getLogger(__name__)
 Endpoint = Literal["chat", "completion"]
@@ -59,6 +60,7 @@ class EngineReplica:
         self._idle = asyncio.Event()
         self._idle.set()
         self.started_at: float | None = None
+        self.tracing: ReplicaTracing | None = None  # set by the deployment when traces are exported
 
     @classmethod
     async def create(cls, spec: EngineSpec) -> EngineReplica:
@@ -173,8 +175,21 @@ class EngineReplica:
             if self._in_flight == 0:
                 self._idle.set()
 
+    def _span_attributes(self, endpoint: Endpoint) -> dict[str, Any]:
+        return {"bastion.model": self.spec.model, "bastion.profile": self.spec.profile, "bastion.endpoint": endpoint}
+
     async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A non-streaming request: (HTTP status, OpenAI body)."""
+        body, carrier = split_trace(body)
+        if carrier is None or self.tracing is None:
+            return await self._complete(endpoint, body)
+        with self.tracing.span("engine.replica.complete", carrier, self._span_attributes(endpoint)) as span:
+            status, data = await self._complete(endpoint, body)
+            span.set_attribute("http.response.status_code", status)
+            request_timings(span, data.get("metrics"))
+            return status, data
+
+    async def _complete(self, endpoint: Endpoint, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self._tracked():
             try:
                 result = await self._call(endpoint, {**body, "stream": False})
@@ -185,9 +200,25 @@ class EngineReplica:
                 return int(data["error"].get("code") or 400), data
             return 200, data
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
+    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
         """A streaming request as SSE text. Lines ready together are sent together: each message through a
         Ray handle costs ~0.6 ms, so coalescing keeps the relay cheap under load without adding latency."""
+        body, carrier = split_trace(body)
+        if carrier is None or self.tracing is None:
+            return self._stream(endpoint, body)
+        return self._traced_stream(endpoint, body, carrier)
+
+    async def _traced_stream(self, endpoint: Endpoint, body: dict[str, Any], carrier: dict[str, str]):
+        assert self.tracing is not None
+        with self.tracing.span("engine.replica.stream", carrier, self._span_attributes(endpoint)) as span:
+            first = True
+            async for batch in self._stream(endpoint, body):
+                if first:
+                    span.add_event("first_chunk")
+                    first = False
+                yield batch
+
+    async def _stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
         with self._tracked():
             try:
                 result = await self._call(endpoint, {**body, "stream": True})
@@ -230,6 +261,22 @@ class EngineReplica:
             "draining": self._draining,
             "speculation": speculation.to_dict(),
         }
+
+    def metrics(self) -> str:
+        """Prometheus text of this replica process: vLLM's own registry (KV cache usage, queue, speculation
+        counters, ...) and the replica's load. One engine per process, so the default registry is this engine's."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        labels = f'model="{self.spec.model}",profile="{self.spec.profile}"'
+        own = (
+            "# HELP bastion_engine_in_flight Requests in this engine replica\n"
+            "# TYPE bastion_engine_in_flight gauge\n"
+            f"bastion_engine_in_flight{{{labels}}} {self._in_flight}\n"
+            "# HELP bastion_engine_draining 1 while the replica drains before shutdown\n"
+            "# TYPE bastion_engine_draining gauge\n"
+            f"bastion_engine_draining{{{labels}}} {int(self._draining)}\n"
+        )
+        return generate_latest(REGISTRY).decode() + own
 
 
 class ReplicaDraining(RuntimeError):

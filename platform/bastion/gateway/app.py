@@ -27,6 +27,9 @@ from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
 from bastion.gateway.upstream import EngineClient
 from bastion.routing.profiles import RoutingPolicy
+from bastion.telemetry import metrics as telemetry_metrics
+from bastion.telemetry.logging import request_id_var
+from bastion.telemetry.tracing import GatewayTracing
 from bastion.tenancy import keys
 from bastion.tenancy.authn import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
@@ -52,6 +55,7 @@ class RequestIdMiddleware:
         text = given.decode("latin-1") if given else ""
         rid = text if _SAFE_ID.match(text) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        request_id_var.set(rid)  # for log records (telemetry.logging)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -79,8 +83,11 @@ def create_app(
     auth_cache_ttl_s: float = 0.5,
     flush_interval_s: float = 1.0,
     policy_enabled: bool = True,
+    tracing: GatewayTracing | None = None,
 ) -> FastAPI:
-    """Build the gateway app. The returned app's `state.gateway` is the GatewayService (tests flush/close it)."""
+    """Build the gateway app. The returned app's `state.gateway` is the GatewayService (tests flush/close it),
+    `state.metrics` its GatewayMetrics (own registry, at `/metrics`), `state.tracing` its tracer or None
+    (built from `telemetry.otlp_endpoint` unless given)."""
     owned_engine = None
     if sessions is None:
         owned_engine = create_engine(config.database.url)
@@ -90,18 +97,22 @@ def create_app(
         pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
     limiter = Limiter(redis_url)
     budgets = BudgetTracker(sessions, limiter.redis)
+    metrics = telemetry_metrics.GatewayMetrics(config.telemetry.max_tenant_labels)
+    tracing = tracing or GatewayTracing.from_config(config.telemetry)
     gateway = GatewayService(
         engine_client,
         Authenticator(sessions, pepper, config.tenant_defaults, ttl=auth_cache_ttl_s),
         limiter,
         budgets,
         UsageRecorder(sessions),
-        recorders,
+        [*recorders, metrics],
         max_body_bytes=config.gateway.max_body_bytes,
         routing=routing,
         flush_interval_s=flush_interval_s,
         redis_url=redis_url or None,
+        tracing=tracing,
     )
+    metrics.watch_in_flight(lambda: gateway.in_flight)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -112,10 +123,14 @@ def create_app(
             await gateway.aclose()
             if owned_engine is not None:
                 await owned_engine.dispose()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(title="Bastion gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.sessions = sessions
+    app.state.metrics = metrics
+    app.state.tracing = tracing
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ApiError)
@@ -139,6 +154,18 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=telemetry_metrics.CONTENT_TYPE)
+
+    engine_metrics = getattr(engine_client, "engine_metrics", None)
+    if engine_metrics is not None:
+
+        @app.get("/metrics/engines")
+        async def prometheus_engine_metrics() -> Response:
+            parts = [({"upstream": info.name}, text) for info, text in await engine_metrics()]
+            return Response(telemetry_metrics.merge_expositions(parts), media_type=telemetry_metrics.CONTENT_TYPE)
 
     if not policy_enabled:
         from bastion.gateway.bare import add_bare_routes

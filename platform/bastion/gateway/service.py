@@ -23,6 +23,7 @@ from bastion.gateway.policy import RequestContext
 from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
 from bastion.gateway.upstream import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable
 from bastion.routing.profiles import RouteRequest, RoutingError, RoutingPolicy, choose, split_model
+from bastion.telemetry.tracing import GatewayTracing, RequestTrace, activated
 from bastion.tenancy.authn import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.invalidation import InvalidationListener
@@ -31,6 +32,7 @@ from bastion.tenancy.usage import RequestRecord, RequestRecorder, UsageRecorder
 
 log = logging.getLogger("bastion.gateway")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_NOOP = contextlib.nullcontext()  # the span of a step when tracing is off: shared, nothing allocated
 
 
 class GatewayService:
@@ -47,8 +49,11 @@ class GatewayService:
         routing: RoutingPolicy | None = None,
         flush_interval_s: float = 1.0,
         redis_url: str | None = None,
+        tracing: GatewayTracing | None = None,
     ) -> None:
         self.engine = engine
+        self.tracing = tracing
+        self._traces: dict[int, RequestTrace] = {}  # id(RequestContext) → its trace, only while tracing is on
         self.auth = authenticator
         self.limiter = limiter
         self.budgets = budgets
@@ -106,7 +111,11 @@ class GatewayService:
         self.start()
         ctx = RequestContext(request_id=request_id, endpoint=endpoint)
         try:
-            return await self._inference(request, endpoint, ctx)
+            if self.tracing is None:
+                return await self._inference(request, endpoint, ctx)
+            trace = self._traces[id(ctx)] = self.tracing.begin(request.headers, endpoint, request_id)
+            with activated(trace.root):
+                return await self._inference(request, endpoint, ctx)
         except ApiError as exc:
             ctx.status, ctx.error_code = exc.status, exc.code
             await self._finish(ctx)
@@ -119,7 +128,8 @@ class GatewayService:
 
     async def _inference(self, request: Request, endpoint: Endpoint, ctx: RequestContext) -> Response:
         policy.check_declared_size(request, self.max_body_bytes)
-        principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
+        with self._step(ctx, "authenticate"):
+            principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
         body = await policy.read_json(request, self.max_body_bytes)
         parsed = policy.validate(endpoint, body)
         ctx.stream = parsed.stream
@@ -135,7 +145,8 @@ class GatewayService:
             raise ApiError(403, f"You are not allowed to use the model `{base}`", code="model_not_allowed")
 
         body = body if body.get("model") == base else {**body, "model": base}  # engines know the plain name
-        ctx.prompt_tokens = await self._count_tokens(upstreams, endpoint, body)
+        with self._step(ctx, "count_tokens"):
+            ctx.prompt_tokens = await self._count_tokens(upstreams, endpoint, body)
         route = RouteRequest(
             model=base,
             prompt_tokens=ctx.prompt_tokens,
@@ -147,7 +158,8 @@ class GatewayService:
             allowed_profiles=principal.allowed_profiles,
         )
         try:
-            decision = ctx.decision = choose(route, upstreams, self.in_flight, self.routing)
+            with self._step(ctx, "route"):
+                decision = ctx.decision = choose(route, upstreams, self.in_flight, self.routing)
         except RoutingError as exc:
             headers = {"retry-after": "1"} if exc.status == 429 else None
             raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param, headers=headers) from None
@@ -155,9 +167,13 @@ class GatewayService:
         # Count the request against its upstream before any await, so concurrent requests see it when routing.
         self.in_flight[decision.upstream] = self.in_flight.get(decision.upstream, 0) + 1
         ctx.holds_upstream = True
-        ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens)
+        with self._step(ctx, "limits"):
+            ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens)
         try:
             sent = upstream_body(body, base, parsed.stream)
+            if self._traces:
+                trace = self._traces.get(id(ctx))
+                sent = trace.engine_body(decision.upstream, sent) if trace is not None else sent
             if parsed.stream:
                 keep_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
                 return await self._stream(ctx, endpoint, sent, keep_usage)
@@ -165,6 +181,13 @@ class GatewayService:
         except ApiError as exc:
             exc.headers.update(policy.rate_headers(ctx))
             raise
+
+    def _step(self, ctx: RequestContext, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A child span of the request when tracing is on; else a shared no-op."""
+        if not self._traces:
+            return _NOOP
+        trace = self._traces.get(id(ctx))
+        return trace.step(name) if trace is not None else _NOOP
 
     async def _count_tokens(self, upstreams: list[UpstreamInfo], endpoint: Endpoint, body: dict[str, Any]) -> int:
         for upstream in upstreams:
@@ -186,6 +209,8 @@ class GatewayService:
             ) from None
         ctx.ttft = time.perf_counter()
         ctx.status = answer.status
+        if self._traces and (trace := self._traces.get(id(ctx))) is not None:
+            trace.engine_done(answer.status)
         if answer.status >= 400:
             ctx.error_code = "upstream_error"
             out = answer.body if is_error_body(answer.body) else policy_error_body(answer.status)
@@ -277,7 +302,14 @@ class GatewayService:
                 await self.budgets.add(ctx.admission.subjects, tokens, ctx.started_at)
         except Exception:
             log.exception("limit release failed (request %s)", ctx.request_id)
-        self.record(self.to_record(ctx))
+        record = self.to_record(ctx)
+        trace = self._traces.pop(id(ctx), None) if self._traces else None
+        if trace is None:
+            self.record(record)
+            return
+        with trace.step("audit.hand_off"):
+            self.record(record)
+        trace.finish(record)
 
     def to_record(self, ctx: RequestContext) -> RequestRecord:
         now = time.perf_counter()

@@ -9,6 +9,7 @@ from ray import serve
 
 from bastion.engine.replica import EngineReplica
 from bastion.engine.spec import EngineSpec
+from bastion.engine.tracing import ReplicaTracing
 from bastion.serve.options import GRACEFUL_SHUTDOWN_S
 
 
@@ -16,8 +17,13 @@ from bastion.serve.options import GRACEFUL_SHUTDOWN_S
 class EngineDeployment:
     """Ready only once the model is loaded: Serve routes to a replica after `__init__` returns."""
 
-    async def __init__(self, spec: EngineSpec) -> None:
+    async def __init__(self, spec: EngineSpec, telemetry: dict[str, Any] | None = None) -> None:
         self.replica = await EngineReplica.create(spec)
+        # telemetry: the platform file's section, if the app passes it; else OTEL_EXPORTER_OTLP_ENDPOINT, if set.
+        telemetry = telemetry or {}
+        self.replica.tracing = ReplicaTracing.create(
+            telemetry.get("otlp_endpoint"), f"{telemetry.get('service_name', 'bastion')}-engine"
+        )
 
     async def complete(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self.replica.complete(endpoint, body)  # type: ignore[arg-type]
@@ -32,9 +38,15 @@ class EngineDeployment:
     def stats(self) -> dict[str, Any]:
         return self.replica.stats()
 
+    def metrics(self) -> str:
+        """Prometheus text of this replica: vLLM's registry in this process plus the replica's load."""
+        return self.replica.metrics()
+
     async def check_health(self) -> None:
         await self.replica.check_health()
 
     async def __del__(self) -> None:
         # Serve stops sending new requests first; in-flight streams get the grace period to finish.
         await self.replica.drain(GRACEFUL_SHUTDOWN_S - 5)
+        if self.replica.tracing is not None:
+            self.replica.tracing.shutdown()

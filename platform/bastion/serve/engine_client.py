@@ -58,6 +58,16 @@ class RayEngineClient:
             return UpstreamResponse(503, error_body(503, "The engine failed; retry the request", "engine_error"))
         return UpstreamResponse(status, data)
 
+    async def engine_metrics(self) -> list[tuple[UpstreamInfo, str]]:
+        """Each deployment's Prometheus text (one replica per deployment answers); unreachable ones are left out."""
+        out = []
+        for info in self._infos:
+            try:
+                out.append((info, await self._handles[info.name].metrics.remote()))
+            except Exception as exc:
+                log.warning("metrics of %s unavailable: %s", info.name, type(exc).__name__)
+        return out
+
     async def stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
         if upstream not in self._streaming:
             raise UpstreamUnavailable(f"no deployment {upstream}")

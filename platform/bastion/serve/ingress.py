@@ -13,6 +13,7 @@ from bastion.gateway.app import create_app
 from bastion.gateway.audit_recorder import AuditRecorder
 from bastion.gateway.upstream import UpstreamInfo
 from bastion.serve.engine_client import RayEngineClient
+from bastion.telemetry.logging import configure_logging
 
 
 @serve.deployment(name="gateway", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
@@ -21,6 +22,7 @@ class GatewayIngress:
     """Built at replica start: the config file is read in the replica, handles arrive bound by Serve."""
 
     async def __init__(self, config_path: str, upstreams: list[tuple[dict[str, Any], DeploymentHandle]]) -> None:
+        configure_logging("INFO")
         self.config = load_config(config_path)
         self.client = RayEngineClient([(UpstreamInfo(**info), handle) for info, handle in upstreams])
         self.audit = await build_writer(self.config).start()
@@ -28,7 +30,9 @@ class GatewayIngress:
         self.recorder = AuditRecorder(self.audit, methods)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.config, self.client, recorders=[self.recorder])
+        app = create_app(self.config, self.client, recorders=[self.recorder])
+        app.state.metrics.watch_audit(self.audit)
+        return app
 
     async def __del__(self) -> None:
         await self.audit.close(timeout=10)

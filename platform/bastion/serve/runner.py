@@ -42,11 +42,14 @@ def start_ray(config: PlatformConfig) -> None:
     import ray
     from ray import serve
 
+    from bastion.serve import loopback
+
     ray.init(
         address=config.ray.address or "local",  # "local": a new cluster, never one left running by someone else
         num_cpus=config.ray.num_cpus if config.ray.address is None else None,
         include_dashboard=False,
         namespace="bastion",
+        runtime_env=loopback.runtime_env() if config.ray.address is None else None,
     )
     serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
 

@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry traces, Prometheus metrics and structured JSON logs (config and errors only)."""
