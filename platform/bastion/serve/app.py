@@ -32,7 +32,7 @@ def engine_apps(config: PlatformConfig) -> list[EngineApp]:
     for dep in config.deployments:
         spec = engine_spec(config, dep)
         options = deployment_options(config, dep)
-        bound = EngineDeployment.options(**options).bind(spec)
+        bound = EngineDeployment.options(**options).bind(spec, config.telemetry.model_dump())
         apps.append(
             EngineApp(options["name"], dep.model, dep.profile, spec.max_model_len, dep.max_ongoing_requests, bound)
         )

@@ -19,7 +19,7 @@ class EngineDeployment:
 
     async def __init__(self, spec: EngineSpec, telemetry: dict[str, Any] | None = None) -> None:
         self.replica = await EngineReplica.create(spec)
-        # telemetry: the platform file's section, if the app passes it; else OTEL_EXPORTER_OTLP_ENDPOINT, if set.
+        # telemetry: the platform file's section (serve/app.py passes it); else OTEL_EXPORTER_OTLP_ENDPOINT, if set.
         telemetry = telemetry or {}
         self.replica.tracing = ReplicaTracing.create(
             telemetry.get("otlp_endpoint"), f"{telemetry.get('service_name', 'bastion')}-engine"
