@@ -186,6 +186,14 @@ async def test_requests_and_auth_failures_are_audited(platform_stack) -> None:
     assert report.ok and report.events >= 3
 
 
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback on a dual-stack socket
+    return (mapped or ip).is_loopback
+
+
 def test_every_platform_process_listens_on_loopback_only(platform_stack) -> None:
     import psutil
 
@@ -201,5 +209,5 @@ def test_every_platform_process_listens_on_loopback_only(platform_stack) -> None
         if "ray" in cmdline or "VLLM" in proc.name() or "ray::" in proc.name():
             ours.append((proc.name(), conn.laddr.ip, conn.laddr.port))
     assert ours, "found no Ray process listening at all"
-    exposed = [c for c in ours if c[1] not in ("127.0.0.1", "::1")]
+    exposed = [c for c in ours if not _loopback(c[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-HOOK = "bastion.serve.loopback:bind_serve_grpc_to_loopback"
+HOOK = "bastion.serve.loopback.bind_serve_grpc_to_loopback"  # Ray wants a dotted path, not module:attr
 
 
 def loopback_mode() -> bool:
