@@ -83,7 +83,7 @@ def bundled_model() -> Path:
     return prepare_bundled("smollm2-135m", DATA_DIR)
 
 
-def engine_test_config(tmp_dir: Path, dtype: str = "float32") -> Path:
+def engine_test_config(tmp_dir: Path, dtype: str = "float32", otlp_endpoint: str | None = None) -> Path:
     """A platform file for the tests: float32 (so greedy output with and without speculation match)."""
     import yaml
 
@@ -96,6 +96,8 @@ def engine_test_config(tmp_dir: Path, dtype: str = "float32") -> Path:
     data["models"][0]["dtype"] = dtype
     keys = keygen(tmp_dir / "audit-keys")
     data["audit"] = {"signing_key_file": str(keys["private"]), "content_key_file": str(keys["content"])}
+    if otlp_endpoint:
+        data["telemetry"] = {"otlp_endpoint": otlp_endpoint}
     path = tmp_dir / "platform.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -164,7 +166,18 @@ def _wait_for_route(url: str, timeout_s: float = 60) -> None:
 
 
 @pytest.fixture(scope="session")
-def platform_stack(ray_cluster: None, bundled_model: Path, tmp_path_factory: pytest.TempPathFactory) -> PlatformStack:
+def otlp_receiver():
+    """An OTLP/HTTP receiver for the whole session: the platform's gateway and replicas export their spans here."""
+    from otlp_receiver import running_receiver
+
+    with running_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def platform_stack(
+    ray_cluster: None, bundled_model: Path, otlp_receiver, tmp_path_factory: pytest.TempPathFactory
+) -> PlatformStack:
     import asyncio
 
     from ray import serve
@@ -173,7 +186,7 @@ def platform_stack(ray_cluster: None, bundled_model: Path, tmp_path_factory: pyt
     from bastion.db import migrate
     from bastion.serve.app import build_app, engine_apps
 
-    path = engine_test_config(tmp_path_factory.mktemp("platform"))
+    path = engine_test_config(tmp_path_factory.mktemp("platform"), otlp_endpoint=otlp_receiver.url)
     config = load_config(path, Settings())
     migrate.upgrade(config.database.url)
     token = asyncio.run(_bootstrap_key(config))
