@@ -1,6 +1,6 @@
 """The pool and profiles dashboard's data: deployments from the platform file, live replica stats from an
-injectable provider (the lead wires it to Ray Serve), acceptance per profile from usage counters, and context
-capacity from the planner.
+injectable provider (not yet wired to Ray Serve: the control plane runs outside Ray), acceptance per profile
+from usage counters, and context capacity from the planner.
 """
 
 from __future__ import annotations
