@@ -7,15 +7,14 @@ Decode tok/s = (completion tokens − 1) / (time of the last token − time of t
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.config.schema import PlatformConfig
+from bastion.engine.measure import timed_chat
 from bastion.engine.replica import EngineReplica
 from bastion.engine.spec import engine_spec
 from bastion.engine.speculation import SpeculationStats
@@ -62,25 +61,8 @@ async def _one(replica: EngineReplica, prompt: str, temperature: float, max_toke
         "temperature": temperature,
         "seed": seed,
         "ignore_eos": True,
-        "stream_options": {"include_usage": True},
     }
-    first = last = None
-    tokens = 0
-    final: dict[str, Any] = {}
-    async for text in replica.stream("chat", body):
-        now = time.perf_counter()
-        for block in text.split("\n\n"):
-            if not block.startswith("data: {"):
-                continue
-            event = json.loads(block[6:])
-            if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                first = first or now
-                last = now
-            if event.get("usage"):
-                final = event
-    tokens = final["usage"]["completion_tokens"]
-    spec = SpeculationStats.from_response_metrics((final.get("metrics") or {}).get("speculative_decoding"))
-    return tokens, (last - first) if first and last else 0.0, spec
+    return await timed_chat(replica, body)
 
 
 async def _run_profile(

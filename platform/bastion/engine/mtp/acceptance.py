@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bastion.engine.measure import timed_chat
 from bastion.engine.mtp.train import TASKS, load_prompts
 from bastion.engine.speculation import SpeculationStats
 
@@ -96,26 +97,8 @@ async def _one(replica: Any, messages: list[dict], temperature: float, max_token
         "max_tokens": max_tokens,
         "temperature": temperature,
         "seed": seed,
-        "stream_options": {"include_usage": True},
     }
-    first = last = None
-    final: dict[str, Any] = {}
-    async for text in replica.stream("chat", body):
-        now = time.perf_counter()
-        for block in text.split("\n\n"):
-            if not block.startswith("data: {"):
-                continue
-            event = json.loads(block[6:])
-            if "error" in event:
-                raise RuntimeError(f"engine error: {event['error'].get('message')}")
-            if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                first = first or now
-                last = now
-            if event.get("usage"):
-                final = event
-    tokens = final["usage"]["completion_tokens"]
-    spec = SpeculationStats.from_response_metrics((final.get("metrics") or {}).get("speculative_decoding"))
-    return tokens, (last - first) if first and last else 0.0, spec
+    return await timed_chat(replica, body)
 
 
 def replica_spec(model_dir: Path, k: int | None, max_model_len: int, dtype: str = "float32") -> Any:
