@@ -50,6 +50,20 @@ else
   echo "$want" >"$stamp"
 fi
 
+# --- LiteLLM proxy (its own venv: its pins clash with the main venv) for `bastion bench gateway` -----
+LITELLM_VERSION=1.108.7
+want="litellm[proxy]==$LITELLM_VERSION"
+stamp="$TOOLS/litellm/.installed"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$TOOLS/litellm/bin/litellm" ]]; then
+  echo "tools: litellm $LITELLM_VERSION present"
+else
+  echo "tools: installing $want into $TOOLS/litellm"
+  [[ -x "$TOOLS/litellm/bin/python" ]] || "$PYTHON" -m venv "$TOOLS/litellm"
+  "$TOOLS/litellm/bin/pip" install --quiet --disable-pip-version-check "$want" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+  echo "$want" >"$stamp"
+fi
+
 # --- test identity provider (oidc-provider on Node, tests/oidc) and Chromium for the console browser tests --
 oidc_lock="$(sha256sum tests/oidc/package-lock.json | cut -d' ' -f1)"
 oidc_stamp=tests/oidc/node_modules/.bastion-installed

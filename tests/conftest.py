@@ -35,6 +35,22 @@ def _pg_exec(sql: str) -> None:
         conn.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _secret_scan_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every log record of the session to one file, and generated secrets registered (tests/secret_scan.py)."""
+    import secret_scan
+
+    base = tmp_path_factory.getbasetemp()
+    secret_scan.install(base / "session-logs")
+    secret_scan.register_log_dir(base)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The secret scan reads the logs of everything else, so it runs last."""
+    last = [i for i in items if "test_secret_scan.py::test_no_secret_in_any_log" in i.nodeid]
+    items[:] = [i for i in items if i not in last] + last
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped at the end."""
@@ -121,6 +137,12 @@ def ray_cluster() -> Iterator[None]:
         runtime_env=loopback.runtime_env(),
     )
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    try:  # Ray's session logs (every worker and replica) are scanned for secrets at the end
+        import secret_scan
+
+        secret_scan.register_log_dir(Path(ray._private.worker._global_node.get_logs_dir_path()))
+    except AttributeError:
+        pass
     try:
         yield
     finally:

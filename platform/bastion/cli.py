@@ -522,12 +522,30 @@ def bench_gateway(
     requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 2000,
     seconds: Annotated[float, typer.Option(help="time cap per level")] = 10.0,
     redis_url: Annotated[str | None, typer.Option(help="shared limits in this Redis (default: in-process)")] = None,
+    concurrency: Annotated[str, typer.Option(help="comma-separated concurrency levels")] = "1,16,64",
+    engine: Annotated[str, typer.Option(help="http (engine server; LiteLLM joins) or inprocess")] = "http",
+    litellm: Annotated[str | None, typer.Option(help="LiteLLM proxy command (default: .tools/litellm)")] = None,
+    no_litellm: Annotated[bool, typer.Option("--no-litellm", help="skip the LiteLLM column")] = False,
 ) -> None:
-    """The gateway's own overhead: full policy path against a bare relay of the same app and scripted engine."""
+    """The gateway's own overhead: full policy path against a bare relay of the same app and scripted engine,
+    and the LiteLLM proxy in front of the same engine when it is installed."""
+    import json
+
     from bastion.gateway.bench import markdown, run_gateway_bench
 
-    result = run_gateway_bench(requests_per_level=requests, seconds_per_level=seconds, redis_url=redis_url)
-    out.print(markdown(result))
+    if engine not in ("http", "inprocess"):
+        raise typer.BadParameter("--engine is http or inprocess")
+    result = run_gateway_bench(
+        concurrency=tuple(int(c) for c in concurrency.split(",")),
+        requests_per_level=requests,
+        seconds_per_level=seconds,
+        redis_url=redis_url,
+        engine=engine,
+        litellm=litellm,
+        with_litellm=not no_litellm,
+    )
+    out.print(markdown(result), soft_wrap=True, markup=False)
+    print(json.dumps(result))
 
 
 @bench_app.command("audit")
@@ -545,6 +563,45 @@ def bench_audit(
 
     migrate.upgrade(database_url)
     out.print_json(json.dumps(asyncio.run(run(database_url, events=events, batch_size=batch_size))))
+
+
+@bench_app.command("load")
+def bench_load(
+    seconds: Annotated[float, typer.Option(help="measured seconds of the scripted phase")] = 20.0,
+    concurrency: Annotated[int, typer.Option(help="concurrent streams, scripted phase")] = 64,
+    real_seconds: Annotated[float, typer.Option(help="measured seconds of the real-engine phase")] = 20.0,
+    real_concurrency: Annotated[int, typer.Option(help="concurrent streams, real-engine phase")] = 4,
+    warmup: Annotated[float, typer.Option(help="seconds of warm-up before each phase is measured")] = 5.0,
+    skip_real: Annotated[bool, typer.Option("--skip-real", help="only the scripted phase")] = False,
+    config: Annotated[Path, typer.Option("--config", "-c", help="platform file of the real phase")] = Path(
+        "deploy/local/bastion.yaml"
+    ),
+    port: Annotated[int, typer.Option(help="Serve's HTTP port (127.0.0.1 only)")] = 18250,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="databases and platform files of the run")] = None,
+) -> None:
+    """Load and soak on loopback through Ray Serve: many streams over scripted engines, then a few over the real
+    CPU engine; errors, latency percentiles, RSS growth of every process, audit rows against requests."""
+    import json
+    import tempfile
+
+    from bastion.bench.load import markdown, run_load
+
+    for name, value in (("--seconds", seconds), ("--real-seconds", real_seconds)):
+        if not 0 < value <= 3600:
+            raise typer.BadParameter(f"{name} must be in (0, 3600]: the run is bounded")
+    folder = run_dir or Path(tempfile.mkdtemp(prefix="bastion-bench-load-"))
+    reports = run_load(
+        folder,
+        None if skip_real else config,
+        port=port,
+        seconds=seconds,
+        concurrency=concurrency,
+        real_seconds=real_seconds,
+        real_concurrency=real_concurrency,
+        warmup_s=warmup,
+    )
+    out.print(markdown(reports), soft_wrap=True, markup=False)
+    print(json.dumps([r.as_dict() for r in reports]))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ out at the provider. Every page is screenshotted into test-artifacts/console/; C
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import zipfile
@@ -119,6 +120,11 @@ def test_console_end_to_end(stack: tuple[str, str], browser, idp: h.TestIdp) -> 
     shot("03-key-created")
     page.goto(f"{console_url}/console/tenants/e2e-corp/keys")  # the list again: the secret is gone for good
     assert secret not in page.content() and page.locator("#keys tbody tr").count() == 1
+    # The key's own limits, under the tenant's cap.
+    page.get_by_label("Requests per minute (cap 120)").fill("60")
+    page.get_by_role("button", name=re.compile(r"^Save limits of ")).click()
+    page.wait_for_url(f"{console_url}/console/tenants/e2e-corp/keys")
+    expect(page.get_by_label("Requests per minute (cap 120)")).to_have_value("60")
 
     # Call the gateway with the key, then see the usage.
     response = httpx.post(

@@ -138,6 +138,14 @@ async def _audit_rows(config, request_ids: set[str]) -> dict[str, dict]:
         await engine.dispose()
 
 
+def _replica_ids(deployment: str) -> set[str]:
+    """Serve names each replica actor `SERVE_REPLICA::app#deployment#replica-id`."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return {n.rsplit("#", 1)[1] for n in names if n.startswith(f"SERVE_REPLICA::bastion#{deployment}#")}
+
+
 async def test_requests_and_auth_failures_are_audited(platform_stack) -> None:
     import asyncio
     import uuid
@@ -179,6 +187,12 @@ async def test_requests_and_auth_failures_are_audited(platform_stack) -> None:
     assert rows[ids["ok"]]["completion_tokens"] == 32
     assert rows[ids["ok"]]["speculation"]["draft_tokens"] > 0
     assert rows[ids["stream"]]["stream"] is True and rows[ids["stream"]]["completion_tokens"] == 32
+    # The decision names the Serve replica that served each request: `deployment#replica-id`, a live replica.
+    fast = next(a.name for a in platform_stack.apps if a.profile == "fast-agentic")
+    live = _replica_ids(fast)
+    for kind in ("ok", "stream"):
+        deployment, _, replica = rows[ids[kind]]["replica"].partition("#")
+        assert deployment == fast and replica in live, (rows[ids[kind]]["replica"], live)
     assert rows[ids["bad"]]["kind"] == "auth_failure"
     assert "bst_000000000000_x" not in str(rows[ids["bad"]])
 

@@ -128,6 +128,15 @@ def test_engine_metrics_and_dashboards_against_live_outputs(platform_stack) -> N
     gateway, engines = scrape(platform_stack), scrape(platform_stack, "/metrics/engines")
     kv = [s for f in text_string_to_metric_families(engines) if f.name == "vllm:kv_cache_usage_perc" for s in f.samples]
     assert {s.labels["upstream"] for s in kv} == {a.name for a in platform_stack.apps}
+    # Acceptance drift (engine/mtp/drift.py): speculative replicas only; no baseline stored, so never alerting.
+    alerts = [
+        s
+        for f in text_string_to_metric_families(engines)
+        if f.name == "bastion_mtp_acceptance_drift_alert"
+        for s in f.samples
+    ]
+    assert alerts and {s.labels["profile"] for s in alerts} == {"fast-agentic"}
+    assert all(s.value == 0 for s in alerts)
     assert "bastion_audit_queue_depth" in gateway and "bastion_upstream_in_flight" in gateway
 
     live = _names(gateway) | _names(engines)

@@ -276,7 +276,7 @@ def test_migration_job_is_a_pre_install_and_pre_upgrade_hook(render: Render) -> 
 def test_secrets_default_to_existing_secret_and_generate_keys(render: Render) -> None:
     manifests = render()
     secret = one(manifests, "Secret", "bastion-secrets")
-    assert set(secret["data"]) == {"api-key-pepper", "audit-signing-key"}
+    assert set(secret["data"]) == {"api-key-pepper", "audit-signing-key", "pool-stats-token"}
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     env = {e["name"]: e for e in one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["BASTION_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
@@ -291,7 +291,7 @@ def test_secrets_default_to_existing_secret_and_generate_keys(render: Render) ->
 def test_secret_values_and_existing_secrets(render: Render, mixed_values: Path, full_values: Path) -> None:
     manifests = render(mixed_values, full_values)
     secret = one(manifests, "Secret", "bastion-secrets")
-    assert set(secret["data"]) == {"database-url", "audit-signing-key"}
+    assert set(secret["data"]) == {"database-url", "audit-signing-key", "pool-stats-token"}
     hook_secret = one(manifests, "Secret", "bastion-migrate")
     assert hook_secret["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     job_env = one(manifests, "Job")["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -304,6 +304,7 @@ def test_secret_values_and_existing_secrets(render: Render, mixed_values: Path, 
     assert refs == {
         ("site-keys", "pepper", "api-key-pepper"),
         ("bastion-secrets", "audit-signing-key", "audit-signing-key"),
+        ("bastion-secrets", "pool-stats-token", "pool-stats-token"),
     }
 
 
@@ -461,7 +462,8 @@ def test_generated_keys_are_in_the_formats_bastion_reads(tmp_path: Path) -> None
     for key, data in secret["data"].items():
         files[key] = tmp_path / key
         files[key].write_bytes(base64.b64decode(data))
-    assert set(files) == {"api-key-pepper", "audit-signing-key", "audit-content-key"}
+    assert set(files) == {"api-key-pepper", "audit-signing-key", "audit-content-key", "pool-stats-token"}
     assert len(load_pepper(files["api-key-pepper"], tmp_path)) == 64
+    assert len(files["pool-stats-token"].read_text().strip()) >= 32  # bastion.pool.live.MIN_TOKEN_CHARS
     assert Signer.from_file(files["audit-signing-key"]).key_id
     assert ContentCipher.from_file(files["audit-content-key"])

@@ -19,6 +19,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_worker_niceness", "0")
 
+import asyncio
 import json
 import sys
 import time
@@ -47,6 +48,16 @@ def stand_in_class() -> Any:
             ctx = serve.get_replica_context()
             return {"node_id": ray.get_runtime_context().get_node_id(), "replica": ctx.replica_id.unique_id}
 
+        # The engine deployment's call shape, so the gateway's RayEngineClient can drive a stand-in.
+        def complete(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
+            return 200, {"choices": []}, serve.get_replica_context().replica_id.unique_id
+
+        async def stream(self, endpoint: str, body: dict[str, Any]) -> Any:
+            from bastion.gateway.upstream import replica_notice
+
+            yield replica_notice(serve.get_replica_context().replica_id.unique_id)
+            yield "data: [DONE]\n\n"
+
     return StandIn
 
 
@@ -72,6 +83,25 @@ def build(config: Any) -> Any:
     stand_in = stand_in_class()
     bound = [stand_in.options(**deployment_options(config, dep)).bind() for dep in config.deployments]
     return ingress_class().bind(*bound)
+
+
+async def sessions_through_the_gateway_client(handle: Any, config: Any) -> dict[str, list[str]]:
+    """X-Session-Id as the gateway hands it on: RayEngineClient → handle options → the router's affinity; the
+    replica each answer names (non-streaming and the stream's replica notice) is what the gateway records."""
+    from bastion.gateway.upstream import UpstreamInfo, notice_replica
+    from bastion.serve.engine_client import RayEngineClient
+
+    name = handle.deployment_name
+    client = RayEngineClient([(UpstreamInfo(name, "qwen3.6-27b", "fast-agentic", 4096, 8), handle)])
+    body = {"model": "qwen3.6-27b", "messages": [{"role": "user", "content": "hi"}]}
+    seen: dict[str, list[str]] = {}
+    for session in ("c1", "c2", "c3", "c4"):
+        replicas = [(await client.complete(name, "chat", dict(body), session_id=session)).replica for _ in range(3)]
+        async for event in client.stream(name, "chat", dict(body), session_id=session):
+            if (replica := notice_replica(event)) is not None:
+                replicas.append(replica)
+        seen[session] = [r or "" for r in replicas]
+    return seen
 
 
 def unplaceable_config(tmp: Path) -> Any:
@@ -140,6 +170,7 @@ def run(out: dict[str, Any], tmp: Path) -> None:
             body = {**chat, "messages": [*chat["messages"], *([{"role": "assistant", "content": "x"}] * i)]}
             turns.append(fast.where.remote("chat", body).result(timeout_s=30)["replica"])
         out["conversation"] = turns
+        out["client_sessions"] = asyncio.run(sessions_through_the_gateway_client(fast, config))
 
         # 3. Failover: kill the replica a session is bound to; the session moves to the survivor and stays there.
         victim = out["sessions"]["s0"][0]

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bastion.cli import app
+from bastion.gateway.bench_http import find_litellm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,8 +25,34 @@ def test_bench_audit_writes_and_reports(pg_url: str) -> None:
     assert 0 < figures["enqueue_p50_us"] <= figures["enqueue_p99_us"]
 
 
-def test_bench_gateway_compares_policy_with_bare_relay() -> None:
-    result = CliRunner().invoke(app, ["bench", "gateway", "--requests", "40", "--seconds", "2"])
+def _gateway_bench(*extra: str) -> dict:
+    args = ["bench", "gateway", "--requests", "40", "--seconds", "2", "--concurrency", "1,16", *extra]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "concurrency" in result.output
-    assert re.search(r"\| 16 \|", result.output)
+    assert re.search(r"^\| 16 \|", result.output, re.MULTILINE)
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert [level["concurrency"] for level in figures["levels"]] == [1, 16]
+    for level in figures["levels"]:
+        for mode in ("policy", "bare"):
+            assert level[mode]["requests"] > 0 and level[mode]["errors"] == 0, (mode, level)
+            assert 0 < level[mode]["p50_ms"] <= level[mode]["p99_ms"]
+    return figures
+
+
+def test_bench_gateway_compares_policy_with_bare_relay_in_process() -> None:
+    figures = _gateway_bench("--engine", "inprocess")
+    assert figures["engine"] == "scripted, in process"
+    assert "litellm" not in figures["levels"][0] and figures["litellm"].startswith("not run")
+
+
+def test_bench_gateway_over_http_with_litellm_when_installed() -> None:
+    """The engine is its own HTTP server; the LiteLLM proxy joins in front of it when .tools has it."""
+    figures = _gateway_bench()
+    assert figures["engine"] == "scripted over HTTP on 127.0.0.1"
+    if find_litellm() is None:
+        assert figures["litellm"].startswith("not installed") and "litellm" not in figures["levels"][0]
+        pytest.skip("LiteLLM is not installed (scripts/install-tools.sh): measured without it")
+    for level in figures["levels"]:
+        peer = level["litellm"]
+        assert peer["requests"] > 0 and peer["errors"] == 0, level
+        assert level["throughput_ratio_vs_litellm"] > 0

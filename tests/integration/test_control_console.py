@@ -155,6 +155,47 @@ def test_roles_on_pages(console: h.ServerThread) -> None:
     assert audrey.get("/console/audit", params={"tenant": "globex"}).status_code == 200
 
 
+def test_tenant_admin_sets_per_key_limits_within_the_caps(console: h.ServerThread) -> None:
+    pat, hops = sign_in(console, "pat")
+    token = csrf_of(hops[0].text)
+    pat.post("/admin/api/tenants", json={"name": "acme"}, headers={"X-CSRF-Token": token})  # 409 if it exists
+    caps = {"requests_per_minute": 100, "tokens_per_minute": 10_000}
+    set_caps = pat.put("/admin/api/tenants/acme/limits", json=caps, headers={"X-CSRF-Token": token})
+    assert set_caps.status_code == 200, set_caps.text
+    alice, hops = sign_in(console, "alice")
+    token = csrf_of(hops[0].text)
+    made = alice.post("/console/tenants/acme/keys", data={"name": "limited", "csrf_token": token})
+    assert made.status_code == 201
+    key = next(k for k in alice.get("/admin/api/tenants/acme/keys").json() if k["name"] == "limited")
+    page = alice.get("/console/tenants/acme/keys").text
+    action = f"/console/tenants/acme/keys/{key['id']}/limits"
+    assert f'action="{action}"' in page and f'for="kl-{key["prefix"]}-requests_per_minute"' in page
+    assert "Requests per minute (cap 100)" in page
+
+    form = {"requests_per_minute": "50", "tokens_per_minute": "", "daily_token_budget": "2000", "csrf_token": token}
+    saved = alice.post(action, data=form)
+    assert saved.status_code == 303 and saved.headers["location"] == "/console/tenants/acme/keys"
+    limits = alice.get(f"/admin/api/tenants/acme/keys/{key['id']}/limits").json()
+    assert limits["requests_per_minute"] == 50 and limits["daily_token_budget"] == 2000
+    assert limits["tokens_per_minute"] is None  # empty field: the tenant's limit applies
+    page = alice.get("/console/tenants/acme/keys").text
+    assert re.search(rf'id="kl-{key["prefix"]}-requests_per_minute"[^>]*value="50"', page)
+
+    over = alice.post(action, data={**form, "tokens_per_minute": "20000"})
+    assert over.status_code == 422 and "above the tenant&#39;s caps: tokens_per_minute" in over.text
+    assert alice.post(action, data={**form, "requests_per_minute": "fifty"}).status_code == 422
+    assert alice.post(action, data={k: v for k, v in form.items() if k != "csrf_token"}).status_code == 403
+    assert alice.get(f"/admin/api/tenants/acme/keys/{key['id']}/limits").json()["requests_per_minute"] == 50
+    bob, hops = sign_in(console, "bob")
+    assert bob.post(action, data={**form, "csrf_token": csrf_of(hops[0].text)}).status_code == 404
+    # The platform admin is not bound by the caps.
+    above = pat.post(
+        action, data={**form, "tokens_per_minute": "20000", "csrf_token": csrf_of(pat.get("/console/tenants").text)}
+    )
+    assert above.status_code == 303
+    assert pat.get(f"/admin/api/tenants/acme/keys/{key['id']}/limits").json()["tokens_per_minute"] == 20_000
+
+
 def test_logout_ends_the_session_at_the_provider(console: h.ServerThread, idp: h.TestIdp) -> None:
     client, hops = sign_in(console, "pat")
     out = client.post("/logout", data={"csrf_token": csrf_of(hops[0].text)})

@@ -146,3 +146,28 @@ async def test_rejections_are_recorded_without_secrets(stack: Stack, recorder: C
     assert recorder.records[-1].key_prefix == prefix and secret not in repr(recorder.records[-1])
     assert (await chat(stack, token)).status_code == 200
     assert recorder.records[-1].key_prefix == prefix and secret not in repr(recorder.records[-1])
+
+
+async def test_session_id_reaches_the_engine_and_the_replica_is_recorded(
+    stack: Stack, engine: ScriptedEngine, recorder: Collect
+) -> None:
+    engine.replica_id = "r-1"
+    token = await key_for(stack)
+    assert (await chat(stack, token, headers={"x-session-id": "conv-42"})).status_code == 200
+    response = await chat(stack, token, stream=True, headers={"x-session-id": "conv-42"})
+    assert response.status_code == 200
+    assert "bastion-replica" not in response.text  # the replica notice is the gateway's, never the client's
+    assert engine.sessions[-2:] == ["conv-42", "conv-42"]
+    for record in recorder.records[-2:]:
+        assert record.replica == f"{record.upstream}#r-1"
+        assert (record.profile, record.routing_reason) == ("fast-agentic", "auto:short_prompt")
+    assert (await chat(stack, token)).status_code == 200
+    assert engine.sessions[-1] is None
+
+
+@pytest.mark.parametrize("bad", ["x" * 257, "caf\u00e9", "tab\there"])
+async def test_a_malformed_session_id_is_refused(stack: Stack, bad: str) -> None:
+    token = await key_for(stack)
+    response = await chat(stack, token, headers={"x-session-id": bad.encode("utf-8")})
+    assert response.status_code == 400
+    assert "x-session-id" in response.json()["error"]["message"]

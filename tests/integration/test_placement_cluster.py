@@ -78,6 +78,14 @@ def test_session_affinity_through_the_serve_router(scenario: dict[str, Any]) -> 
     assert len(set(scenario["conversation"])) == 1  # no session id: the conversation prefix keeps it together
 
 
+def test_gateway_session_id_sticks_and_names_the_replica(scenario: dict[str, Any]) -> None:
+    live = set(scenario["sessions"]["s1"]) | set(scenario["sessions"]["s2"]) | {r["replica"] for r in scenario["fast"]}
+    for session, replicas in scenario["client_sessions"].items():
+        assert len(replicas) == 4 and all(replicas), (session, replicas)  # 3 answers + 1 stream notice
+        assert len(set(replicas)) == 1, f"session {session} moved between replicas: {replicas}"
+        assert replicas[0] in live
+
+
 def test_failover_when_the_sessions_replica_is_gone(scenario: dict[str, Any]) -> None:
     failover = scenario["failover"]
     after = failover["after"]

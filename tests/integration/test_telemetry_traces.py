@@ -67,11 +67,15 @@ class ReplicaClient(ScriptedEngine):
 
     replicas: dict[str, ScriptedReplica] = field(default_factory=dict)
 
-    async def complete(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> UpstreamResponse:
+    async def complete(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> UpstreamResponse:
         status, data = await self.replicas[upstream].complete(endpoint, body)
         return UpstreamResponse(status, data)
 
-    def stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
+    def stream(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> AsyncIterator[str]:
         return self.replicas[upstream].stream(endpoint, body)
 
 

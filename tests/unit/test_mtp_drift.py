@@ -65,3 +65,58 @@ def test_baseline_round_trip_keeps_the_manifest_valid(tmp_path: Path) -> None:
     assert monitor.observe("fast-agentic", _stats(100, 10), now=0).alert
     with pytest.raises(ValueError):
         write_baseline(tmp_path, "x", SpeculationStats())
+
+
+def _gauges(text: str) -> dict[str, dict[tuple, float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        f.name: {tuple(sorted(s.labels.items())): s.value for s in f.samples}
+        for f in text_string_to_metric_families(text)
+    }
+
+
+def _replica(folder: Path, profile: str = "fast-agentic", speculative: bool = True):
+    from bastion.engine.replica import EngineReplica
+    from bastion.engine.spec import EngineSpec
+
+    drift = {"margin": 0.1, "min_draft_tokens": 500, "window_s": 60.0}
+    spec = EngineSpec("m", profile, str(folder), "m", 2048, speculative=speculative, drift=drift)
+    return EngineReplica(spec)
+
+
+def test_replica_exports_live_baseline_and_alert_per_profile(tmp_path: Path) -> None:
+    """The engine replica's scrape text carries the verdict: quiet while healthy, 1 once acceptance drops."""
+    write_baseline(tmp_path, "fast-agentic", _stats(1000, 600))
+    replica = _replica(tmp_path)
+    key = (("model", "m"), ("profile", "fast-agentic"))
+    healthy = _gauges(replica.drift_metrics(_stats(2000, 1180)))
+    assert healthy["bastion_mtp_acceptance_baseline"][key] == pytest.approx(0.6)
+    assert healthy["bastion_mtp_acceptance_live"][key] == pytest.approx(0.59)
+    assert healthy["bastion_mtp_acceptance_drift_alert"][key] == 0
+    dropped = _gauges(replica.drift_metrics(_stats(2000, 1180) + _stats(1000, 300)))  # window: 30 %
+    assert dropped["bastion_mtp_acceptance_live"][key] == pytest.approx(0.3)
+    assert dropped["bastion_mtp_acceptance_drift_alert"][key] == 1
+    assert dropped["bastion_mtp_acceptance_live_draft_tokens"][key] == 1000
+
+
+def test_replica_without_baseline_exports_live_only_and_no_alert(tmp_path: Path) -> None:
+    replica = _replica(tmp_path)
+    gauges = _gauges(replica.drift_metrics(_stats(5000, 100)))
+    key = (("model", "m"), ("profile", "fast-agentic"))
+    assert gauges["bastion_mtp_acceptance_live"][key] == pytest.approx(0.02)
+    assert gauges["bastion_mtp_acceptance_drift_alert"][key] == 0
+    assert key not in gauges.get("bastion_mtp_acceptance_baseline", {})
+    assert _replica(tmp_path, "deep-context", speculative=False)._drift_metrics() == ""
+
+
+def test_engine_spec_carries_the_configured_margin(tmp_path: Path) -> None:
+    from bastion.engine.spec import engine_spec
+    from bastion.gateway.testing import platform_config
+
+    config = platform_config(str(tmp_path), "sqlite+aiosqlite:///x.db", ["m"])
+    config = config.model_copy(
+        update={"telemetry": config.telemetry.model_copy(update={"acceptance_drift_margin": 0.2})}
+    )
+    spec = engine_spec(config, config.deployments[1])
+    assert spec.drift == {"margin": 0.2, "min_draft_tokens": 500, "window_s": 900.0}

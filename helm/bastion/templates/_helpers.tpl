@@ -71,6 +71,7 @@ aes256: 32 random bytes, base64, as the audit content cipher reads; empty: it mu
 {{- if ($p.audit | default dict).content_key_file -}}
 {{- $entries = append $entries (dict "name" "auditContentKey" "env" "" "file" "audit-content-key" "generate" "aes256" "spec" $s.auditContentKey) -}}
 {{- end -}}
+{{- $entries = append $entries (dict "name" "poolStatsToken" "env" "" "file" "pool-stats-token" "generate" "token" "spec" $s.poolStatsToken) -}}
 {{- toJson $entries -}}
 {{- end -}}
 
@@ -141,6 +142,25 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* The console's external URL: controlPlane.publicUrl, else https://<ingress host> with the Ingress, else none. */}}
+{{- define "bastion.consoleUrl" -}}
+{{- $cp := .Values.controlPlane -}}
+{{- if $cp.publicUrl -}}
+{{- $cp.publicUrl | trimSuffix "/" -}}
+{{- else if $cp.ingress.enabled -}}
+{{- printf "https://%s" $cp.ingress.host -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the control plane reads live replica statistics: the gateway Service KubeRay creates, unless set. */}}
+{{- define "bastion.poolStatsUrl" -}}
+{{- if .Values.controlPlane.poolStats.url -}}
+{{- .Values.controlPlane.poolStats.url -}}
+{{- else -}}
+{{- printf "http://%s-serve-svc.%s.svc:%s/internal/pool/replicas" (include "bastion.rayServiceName" .) .Release.Namespace (include "bastion.gatewayPort" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Checks that keep the generated values consistent (the platform file, serveConfig and workerGroups). */}}
 {{- define "bastion.validate" -}}
 {{- $p := required "values: `platform` is required (bastion helm values --config FILE)" .Values.platform -}}
@@ -176,6 +196,10 @@ seccompProfile:
 {{- end -}}
 {{- if ne (index $apps 0).args.config (include "bastion.configPath" .) -}}
 {{- fail "serveConfig: the application must read /etc/bastion/bastion.yaml (regenerate with `bastion helm values`)" -}}
+{{- end -}}
+{{- $auth := $p.auth | default dict -}}
+{{- if and $auth.oidc_issuer (not (or $auth.client_id .Values.controlPlane.oidc.clientId)) -}}
+{{- fail "platform.auth.oidc_issuer is set but no OIDC client id: set auth.client_id in the platform file or controlPlane.oidc.clientId" -}}
 {{- end -}}
 {{- range $e := include "bastion.secretEntries" . | fromJsonArray -}}
 {{- if and (not $e.generate) (not $e.spec.existingSecret) (not $e.spec.value) -}}

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bastion.config.external import ExternalReplicaConfig, check_external
+
 DEEP_CONTEXT = "deep-context"
 FAST_AGENTIC = "fast-agentic"
 BUNDLED_PREFIX = "bundled:"
@@ -110,12 +112,16 @@ class DeploymentConfig(Strict):
 # --- tenants, auth, audit, telemetry, gateway --------------------------------------------------
 
 
+_INT32 = 2**31 - 1  # the database columns' ranges: a larger value is a 422, not a database error
+_INT64 = 2**63 - 1
+
+
 class LimitsConfig(Strict):
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    concurrent_requests: int | None = Field(default=None, ge=1)
-    daily_token_budget: int | None = Field(default=None, ge=1)
-    monthly_token_budget: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=_INT32)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=_INT32)
+    concurrent_requests: int | None = Field(default=None, ge=1, le=_INT32)
+    daily_token_budget: int | None = Field(default=None, ge=1, le=_INT64)
+    monthly_token_budget: int | None = Field(default=None, ge=1, le=_INT64)
 
 
 class TenantDefaultsConfig(Strict):
@@ -129,6 +135,10 @@ class AuthConfig(Strict):
     client_id: str | None = None
     audience: str | None = None
     api_key_pepper_file: Path | None = None
+    failed_auth_limit: int = Field(
+        default=20, ge=1, description="refused API keys/tokens/passwords per client address per window, then 429"
+    )
+    failed_auth_window_s: int = Field(default=60, ge=1, le=86_400)
 
 
 class AuditConfig(Strict):
@@ -142,12 +152,33 @@ class TelemetryConfig(Strict):
     otlp_endpoint: str | None = None
     service_name: str = "bastion"
     max_tenant_labels: int = Field(default=50, ge=1)
+    # Live MTP/speculation acceptance against the baseline stored next to the model's weights
+    # (mtp-acceptance-baseline.json, `bastion bench acceptance --write-baseline`): alert metric past the margin.
+    acceptance_drift_margin: float = Field(default=0.10, gt=0, lt=1, description="drop (absolute) that alerts")
+    acceptance_drift_min_draft_tokens: int = Field(default=500, ge=1, description="live drafts needed to judge")
+    acceptance_drift_window_s: float = Field(default=900.0, gt=0, description="live window judged")
 
 
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # While the database is unreachable, keys seen within this many seconds keep working (0: none do);
+    # revocations announced over Redis still take effect at once.
+    key_cache_when_db_down_s: float = Field(default=300.0, ge=0, le=3600)
+
+
+class ControlConfig(Strict):
+    """How the control plane reads live replica statistics from the gateway (docs/control.md)."""
+
+    pool_stats_url: str | None = Field(
+        default=None, description="the gateway's /internal/pool/replicas; default: the local gateway"
+    )
+    pool_stats_token_file: Path | None = Field(
+        default=None, description="token shared by gateway and control plane; default: data_dir/pool_stats_token"
+    )
+    pool_stats_interval_s: float = Field(default=5.0, ge=1, le=300)
+    pool_stats_history: int = Field(default=720, ge=10, le=100_000, description="samples kept in memory")
 
 
 class DatabaseConfig(Strict):
@@ -156,6 +187,10 @@ class DatabaseConfig(Strict):
 
 class RedisConfig(Strict):
     url: str | None = None
+    # While Redis is unreachable: `fallback` limits in process per gateway replica (logged, metric
+    # bastion_limiter_redis_unavailable), `refuse` answers 503. Per tenant (by name or id) in tenant_policies.
+    when_unavailable: Literal["fallback", "refuse"] = "fallback"
+    tenant_policies: dict[str, Literal["fallback", "refuse"]] = Field(default_factory=dict)
 
 
 class RayConfig(Strict):
@@ -180,6 +215,10 @@ class PlatformConfig(Strict):
     audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     gateway: GatewayConfig = GatewayConfig()
+    control: ControlConfig = ControlConfig()
+    external_replicas: list[ExternalReplicaConfig] = Field(
+        default_factory=list, description="OpenAI-compatible servers outside Ray (docs/external-replicas.md)"
+    )
 
     @field_validator("profiles")
     @classmethod
@@ -215,6 +254,7 @@ class PlatformConfig(Strict):
         for name in self.tenant_defaults.allowed_profiles:
             if name not in self.profiles:
                 raise ValueError(f"tenant_defaults.allowed_profiles: unknown profile {name!r}")
+        check_external(self.external_replicas, set(self.profiles), seen)
         return self
 
     def model(self, name: str) -> ModelConfig:

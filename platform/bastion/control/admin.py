@@ -195,7 +195,7 @@ class AdminService:
         self.require(who, tenant_admin=True)
         info = await self.tenant(who, ref)
         if key_id is not None:
-            await self._key_of(info, key_id)
+            key_id = (await self._key_of(info, key_id)).id  # a prefix names the key too
         return limits_view(await self.tenants.get_limits(info.id, key_id=key_id))
 
     async def set_limits(self, who: Principal, ref: str, limits: LimitsConfig, key_id: str | None = None) -> None:
@@ -205,7 +205,7 @@ class AdminService:
         if key_id is None and not who.is_platform_admin:
             raise forbidden("only a platform admin sets a tenant's limits and budgets")
         if key_id is not None:
-            await self._key_of(info, key_id)
+            key_id = (await self._key_of(info, key_id)).id
             if not who.is_platform_admin:
                 caps = await self.tenants.get_limits(info.id)
                 over = [f for f in LIMIT_FIELDS if _above(getattr(limits, f), getattr(caps, f) if caps else None)]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from bastion.config.schema import LimitsConfig
 from bastion.control import audit_view, pool_view
@@ -17,8 +18,32 @@ from bastion.control.errors import bad_request, not_found
 from bastion.control.principal import Principal
 from bastion.pool.catalog import PoolError
 
-router = APIRouter(prefix="/admin/api", tags=["admin"])
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error of the admin API (control/errors.py); declared so clients and schemathesis know each answer."""
+
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The body is not valid UTF-8 or cannot be parsed"},
+    401: {"model": ErrorBody, "description": "No credential, or a refused bearer token"},
+    403: {"model": ErrorBody, "description": "The role does not allow this, or a missing CSRF token"},
+    404: {"model": ErrorBody, "description": "Not found (also another tenant's things, for a tenant-admin)"},
+    409: {"model": ErrorBody, "description": "Already exists"},
+    422: {"model": ErrorBody, "description": "Invalid body, path or query value"},
+    429: {"model": ErrorBody, "description": "Too many failed authentications from this address (Retry-After)"},
+    503: {"model": ErrorBody, "description": "The database is unavailable (Retry-After)"},
+}
+_BEARER = HTTPBearer(auto_error=False, description="A JWT from the Keycloak realm (api_principal checks it)")
+router = APIRouter(prefix="/admin/api", tags=["admin"], responses=_ERRORS, dependencies=[Security(_BEARER)])
 Who = Annotated[Principal, Depends(api_principal)]
+Period = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}(-\d{2})?$")]  # a month or a day
 
 
 class Body(BaseModel):
@@ -171,7 +196,7 @@ async def revoke_key(request: Request, who: Who, tenant: str, key: str) -> dict[
 
 @router.get("/tenants/{tenant}/usage")
 async def usage(
-    request: Request, who: Who, tenant: str, period: Annotated[list[str] | None, Query()] = None
+    request: Request, who: Who, tenant: str, period: Annotated[list[Period] | None, Query()] = None
 ) -> list[dict[str, Any]]:
     """Counters per period (`2026-11-29` days, `2026-11` months), model and profile; filter with `period=`."""
     return await context(request).admin.usage(who, tenant, periods=period)
@@ -237,10 +262,23 @@ async def download_export(request: Request, who: Who, export_id: str) -> FileRes
 
 @router.get("/pool")
 async def pool(request: Request, who: Who) -> dict[str, Any]:
-    """Profiles and deployments from the platform file, with live replica stats where a provider is wired."""
+    """Profiles and deployments from the platform file, each with its live replicas (health, queue depth, tok/s,
+    acceptance, counters) as the gateway's Serve routers last saw them, and Serve's status of the deployment."""
     ctx = context(request)
     ctx.admin.require(who)
     return await pool_view.pool_status(ctx.admin.config, ctx.stats)
+
+
+@router.get("/pool/live")
+async def pool_live(request: Request, who: Who) -> dict[str, Any]:
+    """Recent tok/s and draft acceptance per profile, one point per poll of the gateway (in this control-plane
+    replica's memory: `control.pool_stats_history` points every `control.pool_stats_interval_s`)."""
+    ctx = context(request)
+    ctx.admin.require(who)
+    history = pool_view.live_history(ctx.stats)
+    if history is None:
+        raise not_found("live pool statistics (no gateway connected)")
+    return history
 
 
 @router.get("/pool/acceptance")

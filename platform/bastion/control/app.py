@@ -17,7 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import ValidationError
 from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,6 +29,7 @@ from bastion.control import api, console
 from bastion.control.admin import AdminService
 from bastion.control.deps import ControlContext, principal_from_session, session_of
 from bastion.control.errors import ControlError
+from bastion.control.live_stats import PoolStatsPoller
 from bastion.control.local_admin import ensure_local_admin
 from bastion.control.oidc import OidcLogin
 from bastion.control.pool_view import ReplicaStatsProvider, no_live_stats
@@ -34,8 +37,10 @@ from bastion.control.session import CookieCodec, key_from_file, key_from_secret
 from bastion.control.settings import ControlSettings
 from bastion.control.tokens import TokenVerifier
 from bastion.db.session import create_engine, session_factory
+from bastion.pool.live import load_token
 from bastion.tenancy import keys as key_material
 from bastion.tenancy.apikeys import KeyService
+from bastion.tenancy.auth_failures import AuthFailureGuard
 from bastion.tenancy.invalidation import publisher
 
 log = logging.getLogger(__name__)
@@ -102,14 +107,37 @@ def create_app(
             print(f"bastion console: local admin login `admin` with password {password} (shown only once)")
     registry = CollectorRegistry()
     metrics = _metrics(registry)
-    ctx = ControlContext(settings, admin, CookieCodec(key), stats_provider or no_live_stats, verifier, login, metrics)
+    poller = None
+    if stats_provider is None and settings.pool_stats_url:  # live replica stats from the gateway (docs/control.md)
+        live = config.control
+        poller = PoolStatsPoller(
+            settings.pool_stats_url,
+            load_token(config),
+            interval_s=live.pool_stats_interval_s,
+            history=live.pool_stats_history,
+        )
+        stats_provider = poller
+    guard = AuthFailureGuard(
+        config.redis.url,
+        config.auth.failed_auth_limit,
+        config.auth.failed_auth_window_s,
+        service="control",
+        registry=registry,
+    )
+    ctx = ControlContext(
+        settings, admin, CookieCodec(key), stats_provider or no_live_stats, verifier, login, metrics, guard
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await writer.start()
+        if poller is not None:
+            poller.start()
         try:
             yield
         finally:
+            if poller is not None:
+                await poller.aclose()
             await writer.close()
             if owned:
                 await db.dispose()
@@ -167,8 +195,9 @@ def create_app(
     async def _login_required(request: Request, exc: console.LoginRequired) -> Response:
         return RedirectResponse("/login", status_code=303)
 
+    @app.exception_handler(ValidationError)  # a model built in a handler (console forms): bad input, not a 500
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    async def _invalid(request: Request, exc: RequestValidationError | ValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else "invalid request"
@@ -176,8 +205,18 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return await _control_error(request, ControlError(exc.status_code, code, str(exc.detail)))
+
+    async def _database_down(request: Request, exc: Exception) -> Response:
+        """The database is unreachable: a retryable 503 in the API's error format, not an internal error."""
+        log.warning("control plane: database unavailable (%s) on %s", type(exc).__name__, request.url.path)
+        body = {"error": {"code": "database_unavailable", "message": "the database is unavailable; retry shortly"}}
+        return JSONResponse(body, status_code=503, headers={"retry-after": "5"})
+
+    # Only "cannot reach the database": a DataError or IntegrityError is a bug or bad input, not an outage.
+    for kind in (OperationalError, InterfaceError, ConnectionError):  # asyncpg's refused connect: ConnectionError
+        app.add_exception_handler(kind, _database_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -28,8 +28,18 @@ def serve(
     insecure_cookies: Annotated[
         bool, typer.Option(help="session cookie without Secure, for plain http on a loopback address only")
     ] = False,
+    pool_stats_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the gateway's /internal/pool/replicas for live replica stats "
+            "(default: $BASTION_POOL_STATS_URL, control.pool_stats_url, else the local gateway)"
+        ),
+    ] = None,
 ) -> None:
-    """Serve the admin API (/admin/api), the console, /healthz, /readyz and /metrics."""
+    """Serve the admin API (/admin/api), the console, /healthz, /readyz and /metrics.
+
+    Live replica statistics (pool page, GET /admin/api/pool) are polled from the gateway with the token of
+    control.pool_stats_token_file (default: data_dir/pool_stats_token, shared with a local gateway)."""
     import uvicorn
 
     from bastion.config import load_config
@@ -43,6 +53,8 @@ def serve(
         if not _loopback(host):
             raise ConfigError("--insecure-cookies is only allowed when binding a loopback address")
         overrides["cookie_secure"] = False
+    if pool_stats_url:
+        overrides["pool_stats_url"] = pool_stats_url
     settings = ControlSettings.from_config(platform, **overrides)
     app = create_app(platform, settings=settings)
     # No access log: the login callback's query carries the authorization code (metrics count requests instead).

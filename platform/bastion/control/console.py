@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from bastion.config.schema import LimitsConfig
 from bastion.control import audit_view, pool_view
 from bastion.control.admin import key_view, parse_time, tenant_view
-from bastion.control.deps import context, principal_from_session, session_of
+from bastion.control.deps import client_address, context, principal_from_session, session_of, throttled
 from bastion.control.errors import ControlError, not_found
 from bastion.control.local_admin import check_local_admin
 from bastion.control.principal import PLATFORM_ADMIN, Principal
@@ -93,9 +94,14 @@ async def local_login(
     pending = ctx.codec.open(LOGIN_COOKIE, request.cookies.get(LOGIN_COOKIE))
     if ctx.login is not None or pending is None or not csrf_ok(pending, csrf_token):
         return RedirectResponse("/login", status_code=303)
+    address = client_address(request)
+    if ctx.guard is not None and (wait := ctx.guard.retry_after(address)) is not None:
+        raise throttled(wait)
     ok = await asyncio.to_thread(check_local_admin, ctx.settings.data_dir, username, password)
     if not ok:
         ctx.metrics["logins"].labels("failed").inc()
+        if ctx.guard is not None and (wait := await ctx.guard.failed(address)) is not None:
+            raise throttled(wait)
         await asyncio.sleep(0.5)  # slows guessing; the password is 144 random bits anyway
         return templates.TemplateResponse(
             request, "login.html", {"csrf": pending["csrf"], "who": None, "error": "Wrong user name or password."}, 401
@@ -199,8 +205,18 @@ async def _keys_page(request: Request, tenant: str, created: Any = None, status:
     info = await admin.tenant(who, tenant)
     keys = [key_view(k) for k in await admin.list_keys(who, info.id)]
     limits = await admin.get_limits(who, info.id)
+    key_limits = {k["id"]: await admin.get_limits(who, info.id, key_id=k["id"]) for k in keys if k["state"] == "active"}
     return _page(
-        request, "keys.html", data, who, status, tenant=tenant_view(info), keys=keys, created=created, limits=limits
+        request,
+        "keys.html",
+        data,
+        who,
+        status,
+        tenant=tenant_view(info),
+        keys=keys,
+        created=created,
+        limits=limits,
+        key_limits=key_limits,
     )
 
 
@@ -220,6 +236,33 @@ async def keys_create(
     return await _keys_page(
         request, tenant, created={"key": key_view(created.info), "secret": created.token}, status=201
     )
+
+
+@router.post("/console/tenants/{tenant}/keys/{key}/limits")
+async def key_limits_set(
+    request: Request,
+    tenant: str,
+    key: str,
+    csrf_token: str = Form(""),
+    requests_per_minute: str = Form(""),
+    tokens_per_minute: str = Form(""),
+    concurrent_requests: str = Form(""),
+    daily_token_budget: str = Form(""),
+    monthly_token_budget: str = Form(""),
+) -> Response:
+    """A key's own limits; empty fields: the tenant's apply. A tenant-admin stays within the tenant's caps
+    (AdminService.set_limits refuses more with 422 over_cap, as the API does)."""
+    who, data = _who(request)
+    _check_csrf(data, csrf_token)
+    limits = LimitsConfig(
+        requests_per_minute=_int(requests_per_minute),
+        tokens_per_minute=_int(tokens_per_minute),
+        concurrent_requests=_int(concurrent_requests),
+        daily_token_budget=_int(daily_token_budget),
+        monthly_token_budget=_int(monthly_token_budget),
+    )
+    await context(request).admin.set_limits(who, tenant, limits, key_id=key)
+    return RedirectResponse(f"/console/tenants/{tenant}/keys", status_code=303)
 
 
 @router.post("/console/tenants/{tenant}/keys/{key}/{action}")
@@ -312,12 +355,31 @@ async def audit_download(request: Request, export_id: str) -> Response:
     return FileResponse(found[1], media_type="application/zip", filename=f"bastion-audit-{export_id}.zip")
 
 
+@router.get("/console/pool/live")
+async def pool_live_fragment(request: Request) -> Response:
+    """The live replicas table alone, for htmx's periodic refresh of the pool page."""
+    who, data = _who(request)
+    ctx = context(request)
+    ctx.admin.require(who)
+    pool = await pool_view.pool_status(ctx.admin.config, ctx.stats)
+    return _page(request, "_pool_live.html", data, who, pool=pool)
+
+
+def _live_chart(history: dict[str, Any] | None) -> dict[str, Any] | None:
+    if history is None:
+        return None
+    labels = [time.strftime("%H:%M:%S", time.gmtime(at)) for at in history["at"]]
+    datasets = [{"label": p, "data": v["acceptance_rate"]} for p, v in history["profiles"].items()]
+    return {"type": "line", "labels": labels, "datasets": datasets, "title": "Draft acceptance (UTC, last polls)"}
+
+
 @router.get("/console/pool")
 async def pool_page(request: Request) -> Response:
     who, data = _who(request)
     ctx = context(request)
     ctx.admin.require(who)
     pool = await pool_view.pool_status(ctx.admin.config, ctx.stats)
+    live_chart = _live_chart(pool_view.live_history(ctx.stats))
     acceptance = await pool_view.acceptance_by_profile(ctx.admin.sessions)
     chart = {
         "type": "line",
@@ -327,7 +389,17 @@ async def pool_page(request: Request) -> Response:
     }
     capacity = pool_view.configured_capacity(ctx.admin.config)
     reference = pool_view.plan_for(ctx.admin.config, pool_view.PlanRequest())
-    return _page(request, "pool.html", data, who, pool=pool, chart=chart, capacity=capacity, reference=reference)
+    return _page(
+        request,
+        "pool.html",
+        data,
+        who,
+        pool=pool,
+        chart=chart,
+        live_chart=live_chart,
+        capacity=capacity,
+        reference=reference,
+    )
 
 
 def _int(text: str) -> int | None:

@@ -16,6 +16,7 @@ from bastion.control.principal import Principal, principal_from_claims
 from bastion.control.session import SESSION_COOKIE, CookieCodec, csrf_ok
 from bastion.control.settings import ControlSettings
 from bastion.control.tokens import TokenVerifier
+from bastion.tenancy.auth_failures import AuthFailureGuard
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRF-Token"
@@ -30,6 +31,7 @@ class ControlContext:
     verifier: TokenVerifier | None = None
     login: OidcLogin | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    guard: AuthFailureGuard | None = None  # refused tokens and passwords per client address
 
 
 def context(request: Request) -> ControlContext:
@@ -59,10 +61,15 @@ async def api_principal(request: Request) -> Principal:
             raise unauthorized("use an Authorization: Bearer token")
         if ctx.verifier is None:
             raise unauthorized("bearer tokens need an OIDC issuer (auth.oidc_issuer)")
+        address = client_address(request)
+        if ctx.guard is not None and (wait := ctx.guard.retry_after(address)) is not None:
+            raise throttled(wait)
         try:
             claims = await ctx.verifier.verify(token.strip())
         except ControlError:
             ctx.metrics["token_refusals"].inc()
+            if ctx.guard is not None and (wait := await ctx.guard.failed(address)) is not None:
+                raise throttled(wait) from None
             raise
         return principal_from_claims(claims, ctx.settings.client_id)
     data = session_of(request)
@@ -71,6 +78,11 @@ async def api_principal(request: Request) -> Principal:
     if request.method not in SAFE_METHODS and not csrf_ok(data, request.headers.get(CSRF_HEADER)):
         raise ControlError(403, "csrf", "missing or wrong CSRF token")
     return principal_from_session(data)
+
+
+def throttled(wait: int) -> ControlError:
+    message = f"too many failed authentication attempts from your address; retry in {wait} s"
+    return ControlError(429, "too_many_auth_failures", message, {"Retry-After": str(wait)})
 
 
 def client_address(request: Request) -> str | None:

@@ -1,6 +1,6 @@
-"""The pool and profiles dashboard's data: deployments from the platform file, live replica stats from an
-injectable provider (not yet wired to Ray Serve: the control plane runs outside Ray), acceptance per profile
-from usage counters, and context capacity from the planner.
+"""The pool and profiles dashboard's data: deployments from the platform file, live replica stats from a
+provider (control/live_stats.py polls the gateway's internal endpoint: the control plane runs outside Ray),
+acceptance per profile from usage counters, and context capacity from the planner.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from bastion.pool.architecture import Architecture, architecture_from_hf, load_h
 from bastion.pool.catalog import PoolError, gpu_classes
 from bastion.pool.catalog import select as select_gpus
 from bastion.pool.planner import MtpHead, PlanInputs, Speculation, plan
+from bastion.routing.health import probe_all
 
 log = logging.getLogger(__name__)
 DEFAULT_GPUS = ("rtx3090", "rtx4090", "rtx5090", "h100")
@@ -32,9 +33,16 @@ class ReplicaStats:
     deployment: str  # `model@profile`, as DeploymentConfig.name
     replica: str
     healthy: bool | None = None
-    queue_depth: int | None = None
-    tok_s: float | None = None
-    acceptance_rate: float | None = None
+    queue_depth: int | None = None  # requests waiting in the engine's queue
+    tok_s: float | None = None  # generated tokens per second over the last sampling interval
+    acceptance_rate: float | None = None  # accepted ÷ drafted tokens since the replica started
+    profile: str | None = None
+    serve_deployment: str | None = None  # Ray Serve's name for the deployment
+    in_flight: int | None = None
+    requests_finished: int | None = None
+    generation_tokens: int | None = None
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
 
 
 ReplicaStatsProvider = Callable[[], Awaitable[list[ReplicaStats]]]
@@ -46,11 +54,16 @@ async def no_live_stats() -> list[ReplicaStats]:
 
 
 async def pool_status(config: PlatformConfig, provider: ReplicaStatsProvider) -> dict[str, Any]:
+    """The platform file's profiles and deployments with each deployment's live replicas (`live` says whether
+    any came back) and, where the provider knows it, Serve's status of the deployment."""
+    error = None
     try:
         live = await provider()
     except Exception as exc:  # a dashboard must render when Ray is unreachable
         log.warning("replica stats unavailable: %s", type(exc).__name__)
-        live = []
+        live, error = [], "live replica statistics are unavailable (the gateway did not answer)"
+    status_of = getattr(provider, "deployment_status", None)
+    status: dict[str, dict[str, Any]] = status_of() if callable(status_of) else {}
     by_deployment: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for stats in live:
         by_deployment[stats.deployment].append(asdict(stats))
@@ -74,12 +87,28 @@ async def pool_status(config: PlatformConfig, provider: ReplicaStatsProvider) ->
             "gpu_class": d.gpu_class,
             "gpus_per_replica": d.gpus_per_replica,
             "max_ongoing_requests": d.max_ongoing_requests,
+            "status": status.get(d.name, {}).get("status"),
+            "replica_states": status.get(d.name, {}).get("replica_states"),
             "live": by_deployment.get(d.name, []),
         }
         for d in config.deployments
     ]
     nodes = [{"name": n.name, "gpu_class": n.gpu_class, "count": n.count} for n in config.gpu_pool.nodes]
-    return {"profiles": profiles, "deployments": deployments, "nodes": nodes, "live": bool(live)}
+    external = await probe_all(config.external_replicas)  # servers outside Ray: probed now, state as routing sees it
+    return {
+        "profiles": profiles,
+        "deployments": deployments,
+        "nodes": nodes,
+        "live": bool(live),
+        "error": error,
+        "external": external,
+    }
+
+
+def live_history(provider: ReplicaStatsProvider) -> dict[str, Any] | None:
+    """Recent tok/s and acceptance per profile, one point per poll, where the provider keeps a history."""
+    history = getattr(provider, "history", None)
+    return history() if callable(history) else None
 
 
 async def acceptance_by_profile(sessions: async_sessionmaker[AsyncSession], days: int = 30) -> dict[str, Any]:
@@ -106,19 +135,20 @@ async def acceptance_by_profile(sessions: async_sessionmaker[AsyncSession], days
 
 
 class PlanRequest(BaseModel):
-    """A model shape and quantization to plan; the defaults are ARCHITECTURE.md's 27B hybrid on 24 GB cards."""
+    """A model shape and quantization to plan; the defaults are ARCHITECTURE.md's 27B hybrid on 24 GB cards.
+    Every number is bounded and finite: an infinite size would overflow the planner (a 500, found by schemathesis)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # strict: `true` is not 1.0
     params_b: float = Field(default=27.0, gt=0, le=2000)
     layers: int = Field(default=64, ge=1, le=1000)
     full_attention_layers: int = Field(default=16, ge=1, le=1000)
     kv_heads: int = Field(default=4, ge=1, le=1024)
     head_dim: int = Field(default=256, ge=1, le=4096)
-    linear_state_mib: float = Field(default=64.0, ge=0)
+    linear_state_mib: float = Field(default=64.0, ge=0, le=1_000_000)
     bits_per_weight: float = Field(default=5.69, gt=0, le=32)
     fast_bits_per_weight: float | None = Field(default=5.47, gt=0, le=32)
     kv_dtype: str = "q4_0"
-    mtp_size_gb: float = Field(default=1.9, ge=0)
+    mtp_size_gb: float = Field(default=1.9, ge=0, le=10_000)
     alpha: float = Field(default=0.75, ge=0, le=1)
     concurrency: int = Field(default=1, ge=1, le=4096)
     gpus: list[str] = Field(default_factory=list, description="GPU class keys; empty: the pool's classes")

@@ -3,7 +3,10 @@
 Environment: `BASTION_OIDC_CLIENT_SECRET_FILE` (the console client's secret, a file so it never sits in the
 platform file or a process listing), `BASTION_CONSOLE_URL` (the console's external base URL, for the OIDC
 redirect URI; default: the request's own URL), `BASTION_CONSOLE_COOKIE_SECURE=0` (plain-http development and
-tests only; refused with BASTION_ENV=production).
+tests only; refused with BASTION_ENV=production), `BASTION_OIDC_CLIENT_ID` / `BASTION_OIDC_AUDIENCE` (override
+`auth.client_id` / `auth.audience`: the Helm chart sets them from values), `BASTION_POOL_STATS_URL` (overrides
+`control.pool_stats_url`, the gateway's internal endpoint of live replica statistics; the chart points it at the
+gateway Service).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from bastion.config import PlatformConfig
 from bastion.errors import ConfigError
+from bastion.pool.live import default_url
 
 SECRET_FILE_ENV = "BASTION_OIDC_CLIENT_SECRET_FILE"  # noqa: S105 - the name of a variable, not a secret
 
@@ -31,6 +35,7 @@ class ControlSettings:
     session_ttl_s: int = 3600
     jwks_refresh_interval_s: float = 10.0  # the least time between two JWKS fetches caused by unknown kids
     production: bool = False
+    pool_stats_url: str | None = None  # None: no live replica statistics
 
     def __repr__(self) -> str:  # the client secret must not reach a log line or a traceback
         return f"ControlSettings(issuer={self.issuer!r}, client_id={self.client_id!r}, production={self.production})"
@@ -52,15 +57,17 @@ class ControlSettings:
             except OSError as exc:
                 raise ConfigError(f"{SECRET_FILE_ENV}: cannot read {secret_file} ({exc.strerror})") from None
         secure = env.get("BASTION_CONSOLE_COOKIE_SECURE", "1").lower() not in ("0", "false", "no")
+        client_id = env.get("BASTION_OIDC_CLIENT_ID") or auth.client_id
         values: dict[str, object] = {
             "data_dir": config.data_dir,
             "issuer": auth.oidc_issuer.rstrip("/") if auth.oidc_issuer else None,
-            "client_id": auth.client_id,
-            "audience": auth.audience or auth.client_id,
+            "client_id": client_id,
+            "audience": env.get("BASTION_OIDC_AUDIENCE") or auth.audience or client_id,
             "client_secret": secret,
             "public_url": env.get("BASTION_CONSOLE_URL") or None,
             "cookie_secure": secure,
             "production": production,
+            "pool_stats_url": env.get("BASTION_POOL_STATS_URL") or config.control.pool_stats_url or default_url(config),
         }
         values.update(overrides)
         settings = cls(**values)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from bastion.engine.model_store import verify_manifest
 from bastion.engine.spec import EngineSpec, check_mtp
-from bastion.engine.speculation import SpeculationStats, engine_totals
+from bastion.engine.speculation import SpeculationStats, engine_totals, load_totals
 from bastion.engine.tracing import ReplicaTracing, request_timings, split_trace
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class EngineReplica:
         self._idle.set()
         self.started_at: float | None = None
         self.tracing: ReplicaTracing | None = None  # set by the deployment when traces are exported
+        self._drift: Any = None  # DriftMonitor, made at the first scrape of a speculative replica
 
     @classmethod
     async def create(cls, spec: EngineSpec) -> EngineReplica:
@@ -250,15 +251,19 @@ class EngineReplica:
     # --- statistics -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Replica state for routing and dashboards: load and vLLM's speculation counters."""
+        """Replica state for routing and dashboards: load, vLLM's token/request counters (cumulative: readers
+        derive rates from two samples and their `time`) and its speculation counters."""
         from vllm.v1.metrics.reader import get_metrics_snapshot
 
-        speculation = engine_totals(get_metrics_snapshot()) if self.spec.speculative else SpeculationStats()
+        snapshot = get_metrics_snapshot()
+        speculation = engine_totals(snapshot) if self.spec.speculative else SpeculationStats()
         return {
             "model": self.spec.model,
             "profile": self.spec.profile,
+            "time": time.time(),
             "in_flight": self._in_flight,
             "draining": self._draining,
+            **load_totals(snapshot),
             "speculation": speculation.to_dict(),
         }
 
@@ -276,7 +281,29 @@ class EngineReplica:
             "# TYPE bastion_engine_draining gauge\n"
             f"bastion_engine_draining{{{labels}}} {int(self._draining)}\n"
         )
-        return generate_latest(REGISTRY).decode() + own
+        return generate_latest(REGISTRY).decode() + own + self._drift_metrics()
+
+    def _drift_metrics(self) -> str:
+        if not self.spec.speculative:
+            return ""
+        from vllm.v1.metrics.reader import get_metrics_snapshot
+
+        return self.drift_metrics(engine_totals(get_metrics_snapshot()))
+
+    def drift_metrics(self, totals: SpeculationStats) -> str:
+        """Live acceptance (recent window of these cumulative counters) against the baseline stored with the
+        weights (engine/mtp/drift.py); called per scrape, so the window advances with the scrapes."""
+        from pathlib import Path
+
+        from bastion.engine.mtp.drift import DriftMonitor, drift_exposition
+
+        if self._drift is None:
+            try:
+                self._drift = DriftMonitor.from_folder(Path(self.spec.path), **self.spec.drift)
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("acceptance baseline unreadable in %s: %s", self.spec.path, type(exc).__name__)
+                self._drift = DriftMonitor({}, **self.spec.drift)
+        return drift_exposition(self._drift.observe(self.spec.profile, totals), self.spec.model)
 
 
 class ReplicaDraining(RuntimeError):

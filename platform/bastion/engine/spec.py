@@ -39,6 +39,7 @@ class EngineSpec:
     speculative: bool = False
     verify_manifest: bool = True
     tool_parser: str | None = None  # vLLM's OpenAI layer, not an engine argument
+    drift: dict[str, float] = field(default_factory=dict)  # DriftMonitor settings (telemetry.acceptance_drift_*)
 
 
 def mtp_layers(folder: Path) -> int:
@@ -119,4 +120,9 @@ def engine_spec(config: PlatformConfig, dep: DeploymentConfig) -> EngineSpec:
         max_model_len=max_len,
         engine_kwargs=kwargs,
         speculative=spec_config is not None,
+        drift={
+            "margin": config.telemetry.acceptance_drift_margin,
+            "min_draft_tokens": config.telemetry.acceptance_drift_min_draft_tokens,
+            "window_s": config.telemetry.acceptance_drift_window_s,
+        },
     )

@@ -101,3 +101,23 @@ def engine_totals(snapshot: list[Any]) -> SpeculationStats:
         elif name == _PER_POSITION:
             totals = totals + SpeculationStats(accepted_per_position=[int(v) for v in metric.values])
     return totals
+
+
+# vLLM's load counters and gauges (one engine per replica process), for live dashboards.
+_LOAD = {
+    "vllm:generation_tokens": "generation_tokens",
+    "vllm:prompt_tokens": "prompt_tokens",
+    "vllm:request_success": "requests_finished",
+    "vllm:num_requests_running": "requests_running",
+    "vllm:num_requests_waiting": "requests_waiting",
+}
+
+
+def load_totals(snapshot: list[Any]) -> dict[str, int]:
+    """Token and request counters and the running/waiting gauges, summed over label sets (finish reasons)."""
+    totals = dict.fromkeys(_LOAD.values(), 0)
+    for metric in snapshot:
+        key = _LOAD.get(metric.name.removesuffix("_total"))
+        if key is not None and hasattr(metric, "value"):
+            totals[key] += int(metric.value)
+    return totals

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.config.schema import PlatformConfig
 from bastion.db.session import create_engine, session_factory
-from bastion.gateway import policy
+from bastion.gateway import openapi, policy
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
 from bastion.gateway.upstream import EngineClient
@@ -31,6 +31,7 @@ from bastion.telemetry import metrics as telemetry_metrics
 from bastion.telemetry.logging import request_id_var
 from bastion.telemetry.tracing import GatewayTracing
 from bastion.tenancy import keys
+from bastion.tenancy.auth_failures import AuthFailureGuard
 from bastion.tenancy.authn import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.limits import Limiter
@@ -95,13 +96,29 @@ def create_app(
     redis_url = redis_url if redis_url is not None else config.redis.url
     if pepper is None:
         pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
-    limiter = Limiter(redis_url)
+    limiter = Limiter(
+        redis_url, when_unavailable=config.redis.when_unavailable, tenant_policies=config.redis.tenant_policies
+    )
     budgets = BudgetTracker(sessions, limiter.redis)
     metrics = telemetry_metrics.GatewayMetrics(config.telemetry.max_tenant_labels)
     tracing = tracing or GatewayTracing.from_config(config.telemetry)
+    guard = AuthFailureGuard(
+        redis_url or None,
+        config.auth.failed_auth_limit,
+        config.auth.failed_auth_window_s,
+        service="gateway",
+        registry=metrics.registry,
+    )
     gateway = GatewayService(
         engine_client,
-        Authenticator(sessions, pepper, config.tenant_defaults, ttl=auth_cache_ttl_s),
+        Authenticator(
+            sessions,
+            pepper,
+            config.tenant_defaults,
+            ttl=auth_cache_ttl_s,
+            stale_s=config.gateway.key_cache_when_db_down_s,
+            guard=guard,
+        ),
         limiter,
         budgets,
         UsageRecorder(sessions),
@@ -113,6 +130,7 @@ def create_app(
         tracing=tracing,
     )
     metrics.watch_in_flight(lambda: gateway.in_flight)
+    metrics.watch_limiter(limiter)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -154,6 +172,12 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    api_document = openapi.document(config.models[0].name if config.models else "MODEL")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document() -> Response:
+        return JSONResponse(api_document)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

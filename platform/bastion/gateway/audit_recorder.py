@@ -53,7 +53,7 @@ class AuditRecorder:
             model=r.model or "",
             profile=r.profile or "",
             routing_reason=r.routing_reason,
-            replica=r.upstream,
+            replica=r.replica or r.upstream,
             status=r.status,
             error=r.error_code,
             prompt_tokens=r.prompt_tokens,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,12 +21,15 @@ from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, V
 from bastion.gateway.upstream import Endpoint
 from bastion.routing.profiles import RoutingDecision
 from bastion.tenancy import keys
-from bastion.tenancy.authn import Authenticator, AuthFailure, Principal
+from bastion.tenancy.authn import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
-from bastion.tenancy.limits import Admission, Limiter, LimitExceeded, RateHeaders, Subject
+from bastion.tenancy.limits import Admission, Limiter, LimitExceeded, RateHeaders, RedisUnavailable, Subject
 from bastion.tenancy.usage import SpeculationStats
 
 PROFILE_HEADER = "x-bastion-profile"
+_PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # config/schema.py's profile names
+SESSION_HEADER = "x-session-id"
+MAX_SESSION_ID = 256
 
 
 @dataclass
@@ -49,6 +53,8 @@ class RequestContext:
     ttft: float | None = None
     speculation: SpeculationStats | None = None
     finished: bool = False
+    session_id: str | None = None  # the client's X-Session-Id, handed to the router for affinity
+    replica: str | None = None  # the replica that served the request, as the upstream named it
     key_prefix: str | None = None
     client_address: str | None = None
 
@@ -65,19 +71,61 @@ async def authenticate(
     auth: Authenticator, request: Request, scope: str, ctx: RequestContext | None = None
 ) -> Principal:
     token = bearer(request)
+    address = request.client.host if request.client else None
     if ctx is not None:
         parsed = keys.parse(token or "")
         ctx.key_prefix = parsed[0] if parsed else None
-        ctx.client_address = request.client.host if request.client else None
+        ctx.client_address = address
+    guard = auth.guard
+    if guard is not None and (wait := guard.retry_after(address)) is not None:
+        raise _auth_throttled(wait)
     try:
         principal = await auth.authenticate(token)
     except AuthFailure as exc:
+        presented = request.headers.get("authorization") is not None
+        if guard is not None and presented and (wait := await guard.failed(address)) is not None:
+            raise _auth_throttled(wait) from None
         raise ApiError(401, f"Incorrect API key provided: {exc}", code="invalid_api_key") from None
+    except KeyStoreUnavailable:
+        message = "The API key cannot be checked right now (database unavailable); retry shortly"
+        raise ApiError(503, message, code="key_store_unavailable", headers={"retry-after": "5"}) from None
     if not principal.tenant_active:
         raise ApiError(403, "Your organization is suspended", code="tenant_suspended")
     if scope not in principal.scopes:
         raise ApiError(403, f"This API key lacks the `{scope}` scope", code="insufficient_scope")
     return principal
+
+
+def _auth_throttled(wait: int) -> ApiError:
+    return ApiError(
+        429,
+        f"Too many failed authentication attempts from your address; retry in {wait} s",
+        code="too_many_auth_failures",
+        type="rate_limit_error",
+        headers={"retry-after": str(wait)},
+    )
+
+
+def session_id(request: Request) -> str | None:
+    """The client's session id: printable ASCII of bounded length, so it is safe to log, hash and route on."""
+    value = request.headers.get(SESSION_HEADER)
+    if not value:
+        return None
+    if len(value) > MAX_SESSION_ID or not value.isascii() or not value.isprintable():
+        raise ApiError(
+            400, f"{SESSION_HEADER} must be printable ASCII of at most {MAX_SESSION_ID} characters", param="header"
+        )
+    return value
+
+
+def profile_header(request: Request) -> str | None:
+    """The client's X-Bastion-Profile: a profile name (the config's pattern) or a 400, never echoed raw."""
+    value = request.headers.get(PROFILE_HEADER)
+    if not value:
+        return None
+    if not _PROFILE_NAME.fullmatch(value):
+        raise ApiError(400, f"{PROFILE_HEADER} must be a profile name", param="header", code="invalid_value")
+    return value
 
 
 def check_declared_size(request: Request, limit: int) -> None:
@@ -140,20 +188,29 @@ def _limit_error(exc: LimitExceeded) -> ApiError:
     return ApiError(429, str(exc), code=exc.limit, type="rate_limit_error", headers=headers)
 
 
+def _limiter_down() -> ApiError:
+    """The tenant's policy refuses requests while the shared limiter (Redis) is unreachable."""
+    message = "Rate limits cannot be checked right now; retry shortly"
+    return ApiError(503, message, code="limiter_unavailable", headers={"retry-after": "1"})
+
+
 async def admit(
     limiter: Limiter, budgets: BudgetTracker, ctx: RequestContext, principal: Principal, prompt_tokens: int
 ) -> Admission:
     """Budgets (read-only), concurrency and windows at once; a refusal anywhere undoes the rest."""
     levels = subjects(principal)
     has_budget = any(s.limits.daily_token_budget or s.limits.monthly_token_budget for s in levels)
+    tenant = principal.tenant_name
     if not has_budget:
         try:
-            return await limiter.admit(ctx.request_id, levels, prompt_tokens)
+            return await limiter.admit(ctx.request_id, levels, prompt_tokens, tenant=tenant)
         except LimitExceeded as exc:
             raise _limit_error(exc) from None
+        except RedisUnavailable:
+            raise _limiter_down() from None
     budget, admitted = await asyncio.gather(
         budgets.check(levels, prompt_tokens, ctx.started_at),
-        limiter.admit(ctx.request_id, levels, prompt_tokens),
+        limiter.admit(ctx.request_id, levels, prompt_tokens, tenant=tenant),
         return_exceptions=True,
     )
     if isinstance(budget, BaseException) and isinstance(admitted, Admission):
@@ -168,6 +225,8 @@ async def admit(
         )
     if isinstance(admitted, LimitExceeded):
         raise _limit_error(admitted)
+    if isinstance(admitted, RedisUnavailable):
+        raise _limiter_down()
     for outcome in (budget, admitted):
         if isinstance(outcome, BaseException):
             raise outcome

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -18,10 +19,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.gateway import policy
+from bastion.gateway.affinity import UpstreamAffinity
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
 from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
-from bastion.gateway.upstream import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable
+from bastion.gateway.upstream import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.routing.profiles import RouteRequest, RoutingError, RoutingPolicy, choose, split_model
 from bastion.telemetry.tracing import GatewayTracing, RequestTrace, activated
 from bastion.tenancy.authn import Authenticator
@@ -62,6 +64,7 @@ class GatewayService:
         self.max_body_bytes = max_body_bytes
         self.routing = routing or RoutingPolicy()
         self.in_flight: dict[str, int] = {}
+        self.affinity = UpstreamAffinity()  # conversation → upstream, where a profile has several upstreams
         self._flush_interval_s = flush_interval_s
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -130,17 +133,18 @@ class GatewayService:
         policy.check_declared_size(request, self.max_body_bytes)
         with self._step(ctx, "authenticate"):
             principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
+        ctx.session_id = policy.session_id(request)
         body = await policy.read_json(request, self.max_body_bytes)
         parsed = policy.validate(endpoint, body)
         ctx.stream = parsed.stream
         base, alias_profile = split_model(parsed.model)
-        ctx.model = base
-        header_profile = request.headers.get(policy.PROFILE_HEADER) or None
+        header_profile = policy.profile_header(request)
         if alias_profile and header_profile and alias_profile != header_profile:
             raise ApiError(400, f"Model alias asks for `{alias_profile}`, header for `{header_profile}`", param="model")
         upstreams = [u for u in self.engine.upstreams() if u.model == base]
         if not upstreams:
             raise ApiError(404, f"The model `{parsed.model}` does not exist", code="model_not_found", param="model")
+        ctx.model = base  # only a configured name reaches usage rows and metric labels (never arbitrary text)
         if not principal.may_use_model(base):
             raise ApiError(403, f"You are not allowed to use the model `{base}`", code="model_not_allowed")
 
@@ -157,12 +161,14 @@ class GatewayService:
             tenant_default=principal.default_profile,
             allowed_profiles=principal.allowed_profiles,
         )
+        candidates, session = self.affinity.narrow(upstreams, self.in_flight, ctx.session_id, body)
         try:
             with self._step(ctx, "route"):
-                decision = ctx.decision = choose(route, upstreams, self.in_flight, self.routing)
+                decision = ctx.decision = choose(route, candidates, self.in_flight, self.routing)
         except RoutingError as exc:
             headers = {"retry-after": "1"} if exc.status == 429 else None
             raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param, headers=headers) from None
+        self.affinity.bind(session, decision.upstream)
 
         # Count the request against its upstream before any await, so concurrent requests see it when routing.
         self.in_flight[decision.upstream] = self.in_flight.get(decision.upstream, 0) + 1
@@ -170,17 +176,44 @@ class GatewayService:
         with self._step(ctx, "limits"):
             ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens)
         try:
-            sent = upstream_body(body, base, parsed.stream)
-            if self._traces:
-                trace = self._traces.get(id(ctx))
-                sent = trace.engine_body(decision.upstream, sent) if trace is not None else sent
-            if parsed.stream:
-                keep_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-                return await self._stream(ctx, endpoint, sent, keep_usage)
-            return await self._complete(ctx, endpoint, sent)
+            try:
+                return await self._send(ctx, endpoint, body, base, parsed)
+            except UpstreamUnavailable:  # gone before any token reached the client: one more try elsewhere
+                self._failover(ctx, route, base, session)
+                return await self._send(ctx, endpoint, body, base, parsed)
+        except UpstreamUnavailable:
+            raise ApiError(
+                503, "No replica can serve this request right now; retry shortly", code="no_upstream"
+            ) from None
         except ApiError as exc:
             exc.headers.update(policy.rate_headers(ctx))
             raise
+
+    async def _send(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], base: str, parsed: Any):
+        assert ctx.decision is not None
+        sent = upstream_body(body, base, parsed.stream)
+        if self._traces:
+            trace = self._traces.get(id(ctx))
+            sent = trace.engine_body(ctx.decision.upstream, sent) if trace is not None else sent
+        if parsed.stream:
+            keep_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return await self._stream(ctx, endpoint, sent, keep_usage)
+        return await self._complete(ctx, endpoint, sent)
+
+    def _failover(self, ctx: RequestContext, route: RouteRequest, base: str, session: str | None) -> None:
+        """Move the request to another upstream routing would take without the failed one (same rules: its
+        profile first, overflow if allowed); UpstreamUnavailable when there is none."""
+        assert ctx.decision is not None
+        failed = ctx.decision.upstream
+        others = [u for u in self.engine.upstreams() if u.model == base and u.name != failed]
+        try:
+            decision = choose(route, others, self.in_flight, self.routing)
+        except RoutingError:
+            raise UpstreamUnavailable(failed) from None
+        self.in_flight[failed] = max(self.in_flight.get(failed, 1) - 1, 0)
+        self.in_flight[decision.upstream] = self.in_flight.get(decision.upstream, 0) + 1
+        ctx.decision = dataclasses.replace(decision, reason=f"{decision.reason}+failover")
+        self.affinity.bind(session, decision.upstream)
 
     def _step(self, ctx: RequestContext, name: str) -> contextlib.AbstractContextManager[Any]:
         """A child span of the request when tracing is on; else a shared no-op."""
@@ -201,36 +234,34 @@ class GatewayService:
 
     async def _complete(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> Response:
         assert ctx.decision is not None
-        try:
-            answer = await self.engine.complete(ctx.decision.upstream, endpoint, body)
-        except UpstreamUnavailable:
-            raise ApiError(
-                503, "No replica can serve this request right now; retry shortly", code="no_upstream"
-            ) from None
+        answer = await self.engine.complete(ctx.decision.upstream, endpoint, body, session_id=ctx.session_id)
         ctx.ttft = time.perf_counter()
-        ctx.status = answer.status
+        ctx.status, ctx.replica = answer.status, answer.replica
         if self._traces and (trace := self._traces.get(id(ctx))) is not None:
             trace.engine_done(answer.status)
+        headers = policy.rate_headers(ctx)
         if answer.status >= 400:
-            ctx.error_code = "upstream_error"
             out = answer.body if is_error_body(answer.body) else policy_error_body(answer.status)
+            code = out["error"].get("code")  # a named code (engine_error) goes to the record; a bare status does not
+            ctx.error_code = code if isinstance(code, str) and code else "upstream_error"
+            if answer.status == 503:
+                headers["retry-after"] = "1"
         else:
             prompt, completion, ctx.speculation = usage_of(answer.body)
             ctx.prompt_tokens = prompt if prompt is not None else ctx.prompt_tokens
             ctx.completion_tokens = completion or 0
             out = answer.body
         await self._finish(ctx)
-        return JSONResponse(out, status_code=answer.status, headers=policy.rate_headers(ctx))
+        return JSONResponse(out, status_code=answer.status, headers=headers)
 
     async def _stream(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], keep_usage: bool):
         assert ctx.decision is not None
-        events = self.engine.stream(ctx.decision.upstream, endpoint, body).__aiter__()
+        events = self.engine.stream(ctx.decision.upstream, endpoint, body, session_id=ctx.session_id).__aiter__()
         try:
             first = await events.__anext__()
-        except UpstreamUnavailable:
-            raise ApiError(
-                503, "No replica can serve this request right now; retry shortly", code="no_upstream"
-            ) from None
+            if (replica := notice_replica(first)) is not None:
+                ctx.replica = replica
+                first = await events.__anext__()
         except StopAsyncIteration:
             first = None
         ctx.ttft = time.perf_counter()
@@ -260,7 +291,9 @@ class GatewayService:
                     if out is not None:
                         yield out
         except (asyncio.CancelledError, GeneratorExit):
-            detached, ctx.status, ctx.error_code = True, 499, "client_disconnected"
+            detached = True
+            if not tally.done:  # a client that hangs up after [DONE] (SDKs do) had the whole answer
+                ctx.status, ctx.error_code = 499, "client_disconnected"
             raise
         except UpstreamUnavailable:
             ctx.status, ctx.error_code = 503, "no_upstream"
@@ -334,6 +367,7 @@ class GatewayService:
             speculation=ctx.speculation,
             key_prefix=ctx.key_prefix,
             client_address=ctx.client_address,
+            replica=f"{d.upstream}#{ctx.replica}" if d and ctx.replica else None,
         )
 
     def record(self, record: RequestRecord) -> None:

@@ -17,7 +17,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
+from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable, replica_notice
 
 
 def count_words(body: dict[str, Any]) -> int:
@@ -50,6 +50,8 @@ class ScriptedEngine:
     record_bodies: bool = True
     error: dict[str, Any] | None = None  # an OpenAI error object the engine answers with
     error_after: int = 0  # streams: content chunks sent before the error event
+    replica_id: str | None = None  # when set, answers name this replica (as Serve engine replicas do)
+    sessions: list[str | None] = field(default_factory=list)  # the session id each request was sent with
 
     def upstreams(self) -> list[UpstreamInfo]:
         return list(self.upstream_list)
@@ -81,8 +83,12 @@ class ScriptedEngine:
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.words)
         return self.words[: max(1, min(limit, len(self.words)))]
 
-    async def complete(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> UpstreamResponse:
+    async def complete(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> UpstreamResponse:
         info = self._check(upstream)
+        if self.record_bodies:
+            self.sessions.append(session_id)
         if body.get("model") != info.model:
             return UpstreamResponse(404, {"error": {"message": "no such model", "type": "NotFoundError", "code": 404}})
         if self.record_bodies:
@@ -90,7 +96,7 @@ class ScriptedEngine:
         await self._wait()
         if self.error is not None:
             code = self.error.get("code")
-            return UpstreamResponse(code if isinstance(code, int) else 500, {"error": self.error})
+            return UpstreamResponse(code if isinstance(code, int) else 500, {"error": self.error}, self.replica_id)
         words = self._answer_words(body)
         text = " ".join(words)
         prompt = count_words(body)
@@ -118,15 +124,21 @@ class ScriptedEngine:
         metrics = self._metrics(info)
         if metrics:
             out["metrics"] = metrics
-        return UpstreamResponse(200, out)
+        return UpstreamResponse(200, out, self.replica_id)
 
-    def stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
+    def stream(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> AsyncIterator[str]:
+        if self.record_bodies:
+            self.sessions.append(session_id)
         return self._stream(upstream, endpoint, body)
 
     async def _stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
         info = self._check(upstream)
         if self.record_bodies:
             self.seen.append((upstream, endpoint, body))
+        if self.replica_id is not None:
+            yield replica_notice(self.replica_id)
         words = self._answer_words(body)
         created = int(time.time())
         chat = endpoint == "chat"

@@ -30,6 +30,21 @@ class UpstreamResponse:
 
     status: int
     body: dict[str, Any]
+    replica: str | None = None  # the replica that answered, when the upstream says
+
+
+# A stream may open with this SSE comment naming the replica that took it (SSE clients ignore comments; the
+# gateway reads and drops it). One convention for every upstream kind, so streams need no side channel.
+REPLICA_NOTICE = ": bastion-replica "
+
+
+def replica_notice(replica_id: str) -> str:
+    return f"{REPLICA_NOTICE}{replica_id}\n\n"
+
+
+def notice_replica(event: str) -> str | None:
+    """The replica id if `event` is a replica notice, else None."""
+    return event[len(REPLICA_NOTICE) :].strip() if event.startswith(REPLICA_NOTICE) else None
 
 
 class UpstreamUnavailable(Exception):
@@ -43,10 +58,17 @@ class EngineClient(Protocol):
         """Prompt tokens as the model's tokenizer and chat template count them (charged at admission)."""
         ...
 
-    async def complete(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> UpstreamResponse: ...
+    async def complete(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> UpstreamResponse:
+        """`session_id` (the client's X-Session-Id) keeps a conversation on one replica while it is healthy."""
+        ...
 
-    def stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
-        """Server-sent event lines as vLLM writes them (`data: {...}\\n\\n`, ending with `data: [DONE]\\n\\n`).
+    def stream(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> AsyncIterator[str]:
+        """Server-sent event lines as vLLM writes them (`data: {...}\\n\\n`, ending with `data: [DONE]\\n\\n`),
+        optionally opened by a replica notice (`replica_notice`).
 
         With `stream_options.include_usage` the last JSON chunk carries `usage` and, for speculative
         profiles, `metrics.speculative_decoding`. Errors mid-stream arrive as a `data: {"error": ...}` event.

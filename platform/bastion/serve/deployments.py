@@ -10,6 +10,7 @@ from ray import serve
 from bastion.engine.replica import EngineReplica
 from bastion.engine.spec import EngineSpec
 from bastion.engine.tracing import ReplicaTracing
+from bastion.gateway.upstream import replica_notice
 from bastion.serve.options import GRACEFUL_SHUTDOWN_S
 
 
@@ -24,11 +25,16 @@ class EngineDeployment:
         self.replica.tracing = ReplicaTracing.create(
             telemetry.get("otlp_endpoint"), f"{telemetry.get('service_name', 'bastion')}-engine"
         )
+        # Serve's id of this replica (the suffix of its actor name): each answer names it, so the gateway records
+        # which replica served a request, whichever the router and its retries picked.
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
-    async def complete(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        return await self.replica.complete(endpoint, body)  # type: ignore[arg-type]
+    async def complete(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
+        status, data = await self.replica.complete(endpoint, body)  # type: ignore[arg-type]
+        return status, data, self.replica_id
 
     async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        yield replica_notice(self.replica_id)
         async for chunk in self.replica.stream(endpoint, body):  # type: ignore[arg-type]
             yield chunk
 
@@ -36,6 +42,11 @@ class EngineDeployment:
         return await self.replica.count_prompt_tokens(endpoint, body)  # type: ignore[arg-type]
 
     def stats(self) -> dict[str, Any]:
+        return self.replica.stats()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's controller calls this every `request_routing_stats_period_s` and hands the result to every
+        router of this deployment (`RunningReplica.routing_stats`): the gateway's live view of each replica."""
         return self.replica.stats()
 
     def metrics(self) -> str:

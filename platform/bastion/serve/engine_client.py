@@ -11,12 +11,21 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from bastion.engine.replica import ReplicaDraining, error_body
-from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
+from bastion.engine.replica import ReplicaDraining
+from bastion.gateway.errors import error_body
+from bastion.gateway.upstream import (
+    Endpoint,
+    UpstreamInfo,
+    UpstreamResponse,
+    UpstreamUnavailable,
+    notice_replica,
+)
 
 log = logging.getLogger(__name__)
 # A replica that is gone, draining or overloaded: the request can go elsewhere (or get a 503 with a retry hint).
 _UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
+# The replica's process died (or became unreachable) while it held the request: the work is lost, not refused.
+_DIED = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -34,11 +43,14 @@ class RayEngineClient:
     def upstreams(self) -> list[UpstreamInfo]:
         return list(self._infos)
 
-    def _handle(self, upstream: str) -> DeploymentHandle:
+    def _handle(self, upstream: str, session_id: str | None = None, *, stream: bool = False) -> DeploymentHandle:
+        """The deployment's handle; with a session id, one that tells Serve's router the session (affinity)."""
+        handles = self._streaming if stream else self._handles
         try:
-            return self._handles[upstream]
+            handle = handles[upstream]
         except KeyError:
             raise UpstreamUnavailable(f"no deployment {upstream}") from None
+        return handle.options(session_id=session_id) if session_id else handle
 
     async def count_prompt_tokens(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> int:
         try:
@@ -48,15 +60,18 @@ class RayEngineClient:
                 raise UpstreamUnavailable(upstream) from None
             raise
 
-    async def complete(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> UpstreamResponse:
+    async def complete(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> UpstreamResponse:
         try:
-            status, data = await self._handle(upstream).complete.remote(endpoint, body)
+            status, data, replica = await self._handle(upstream, session_id).complete.remote(endpoint, body)
         except Exception as exc:
-            if _unavailable(exc):
+            if _unavailable(exc) and not isinstance(exc, _DIED):
                 raise UpstreamUnavailable(upstream) from None
             log.error("engine %s failed: %s", upstream, type(exc).__name__)
-            return UpstreamResponse(503, error_body(503, "The engine failed; retry the request", "engine_error"))
-        return UpstreamResponse(status, data)
+            message = "The engine failed while serving the request; retry it"
+            return UpstreamResponse(503, error_body(503, message, code="engine_error"))
+        return UpstreamResponse(status, data, replica)
 
     async def engine_metrics(self) -> list[tuple[UpstreamInfo, str]]:
         """Each deployment's Prometheus text (one replica per deployment answers); unreachable ones are left out."""
@@ -68,17 +83,18 @@ class RayEngineClient:
                 log.warning("metrics of %s unavailable: %s", info.name, type(exc).__name__)
         return out
 
-    async def stream(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
-        if upstream not in self._streaming:
-            raise UpstreamUnavailable(f"no deployment {upstream}")
-        started = False
+    async def stream(
+        self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
+    ) -> AsyncIterator[str]:
+        handle = self._handle(upstream, session_id, stream=True)
+        started = False  # a token has gone out: from then on a failure is an error event, not a retry elsewhere
         try:
-            async for chunk in self._streaming[upstream].stream.remote(endpoint, body):
-                started = True
+            async for chunk in handle.stream.remote(endpoint, body):
+                started = started or notice_replica(chunk) is None
                 yield chunk
         except Exception as exc:
             if not started and _unavailable(exc):
                 raise UpstreamUnavailable(upstream) from None
             log.error("engine %s failed mid-stream: %s", upstream, type(exc).__name__)
-            error = error_body(503, "The engine failed mid-stream; retry the request", "engine_error")
+            error = error_body(503, "The engine failed mid-stream; retry the request", code="engine_error")
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"

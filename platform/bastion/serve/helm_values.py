@@ -35,6 +35,7 @@ SECRET_FILES = {
     "api_key_pepper": "api-key-pepper",
     "audit_signing_key": "audit-signing-key",
     "audit_content_key": "audit-content-key",
+    "pool_stats_token": "pool-stats-token",
 }
 # Defaults of a generated worker group, per GPU of the pod (the operator edits them in values).
 CPUS_PER_GPU = 8
@@ -83,6 +84,8 @@ def cluster_platform(data: dict[str, Any], source: str = "platform file") -> dic
     audit["signing_key_file"] = f"{SECRETS_DIR}/{SECRET_FILES['audit_signing_key']}"
     if config.audit.content_key_file is not None:
         audit["content_key_file"] = f"{SECRETS_DIR}/{SECRET_FILES['audit_content_key']}"
+    control = out.setdefault("control", {})  # gateway and control plane share it (bastion.pool.live)
+    control["pool_stats_token_file"] = f"{SECRETS_DIR}/{SECRET_FILES['pool_stats_token']}"
     _validate(out, source)
     return out
 

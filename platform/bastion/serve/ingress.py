@@ -11,8 +11,12 @@ from bastion.audit.service import build_writer
 from bastion.config import load_config
 from bastion.gateway.app import create_app
 from bastion.gateway.audit_recorder import AuditRecorder
+from bastion.gateway.external import ExternalEngineClient
 from bastion.gateway.upstream import UpstreamInfo
+from bastion.gateway.upstreams import CombinedEngineClient
+from bastion.pool.live import load_token
 from bastion.serve.engine_client import RayEngineClient
+from bastion.serve.pool_stats import add_pool_stats_route
 from bastion.telemetry.logging import configure_logging
 
 
@@ -25,14 +29,22 @@ class GatewayIngress:
         configure_logging("INFO")
         self.config = load_config(config_path)
         self.client = RayEngineClient([(UpstreamInfo(**info), handle) for info, handle in upstreams])
+        # External replicas (platform file `external_replicas`): routed alongside the Ray deployments.
+        self.external = ExternalEngineClient(list(self.config.external_replicas))
+        if self.config.external_replicas:
+            self.external.start()  # health checks begin before the first request
+        engine = CombinedEngineClient([self.client, self.external]) if self.config.external_replicas else self.client
+        self.engine = engine
         self.audit = await build_writer(self.config).start()
         methods = {name: p.speculative.method for name, p in self.config.profiles.items()}
         self.recorder = AuditRecorder(self.audit, methods)
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self.config, self.client, recorders=[self.recorder])
+        app = create_app(self.config, self.engine, recorders=[self.recorder])
         app.state.metrics.watch_audit(self.audit)
+        add_pool_stats_route(app, load_token(self.config))  # the control plane's live pool view
         return app
 
     async def __del__(self) -> None:
+        await self.external.aclose()
         await self.audit.close(timeout=10)

@@ -15,11 +15,13 @@ HEALTH_CHECK_PERIOD_S = 5.0
 # Replica choice within a deployment (session affinity, then power of two choices): an import path string, so
 # the Serve config export and the Helm chart's serveConfigV2 carry it as text and only Serve imports Ray's router.
 REQUEST_ROUTER_CLASS = "bastion.serve.router:SessionAffinityRouter"
+# How often Serve collects each engine replica's `record_routing_stats` (the console's live pool view).
+ROUTING_STATS_PERIOD_S = 5.0
 
 
 def request_router_config() -> dict[str, Any]:
     """The `request_router_config` deployment option (plain data; Serve resolves the class on deploy)."""
-    return {"request_router_class": REQUEST_ROUTER_CLASS}
+    return {"request_router_class": REQUEST_ROUTER_CLASS, "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S}
 
 
 def deployment_name(model: str, profile: str) -> str:

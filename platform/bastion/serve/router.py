@@ -20,6 +20,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from bastion.routing.replicas import ReplicaChooser, ReplicaLoad, session_key
+from bastion.serve import replica_registry
 
 log = logging.getLogger(__name__)
 
@@ -74,5 +75,10 @@ class SessionAffinityRouter(RequestRouter):
         self._ensure_chooser().forget_replica(replica_id.unique_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        # Serve calls this when the replica set or a replica's routing stats change; the registry (a module Serve
+        # does not pickle by value) keeps this router for the gateway's live pool view.
         super().update_replicas(replicas)
         self._ensure_chooser().retain({r.replica_id.unique_id for r in replicas})
+        deployment = getattr(self, "_deployment_id", None)
+        if deployment is not None:
+            replica_registry.register(deployment.name, self)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -59,12 +59,21 @@ class TenantLabels:
         return OTHER
 
 
+class LimiterSource(Protocol):
+    """What the state collector reads from the limiter (tenancy.limits.Limiter)."""
+
+    redis_down: bool
+    fallback_admissions: int
+    redis_refusals: int
+
+
 class _StateCollector(Collector):
-    """Gauges read when Prometheus scrapes: in-flight requests per upstream, audit queue and spool."""
+    """Gauges read when Prometheus scrapes: in-flight requests per upstream, audit queue and spool, limiter."""
 
     def __init__(self) -> None:
         self.in_flight: Callable[[], Mapping[str, int]] | None = None
         self.audit: AuditSource | None = None
+        self.limiter: LimiterSource | None = None
 
     def collect(self) -> Iterable[Metric]:
         flight = GaugeMetricFamily(
@@ -83,6 +92,22 @@ class _StateCollector(Collector):
                 "bastion_audit_spool_bytes",
                 "Audit bytes in the local spool waiting for the database (non-zero: the database was unreachable)",
                 value=self.audit.spool_bytes,
+            )
+        if self.limiter is not None:
+            yield GaugeMetricFamily(
+                "bastion_limiter_redis_unavailable",
+                "1 while Redis is unreachable and limits fall back to this replica (or refuse, per tenant)",
+                value=int(self.limiter.redis_down),
+            )
+            yield CounterMetricFamily(
+                "bastion_limiter_fallback_admissions",
+                "Requests admitted by the in-process limiter because Redis was unreachable",
+                value=self.limiter.fallback_admissions,
+            )
+            yield CounterMetricFamily(
+                "bastion_limiter_redis_refusals",
+                "Requests refused (503) because Redis was unreachable and the tenant's policy is refuse",
+                value=self.limiter.redis_refusals,
             )
 
 
@@ -148,6 +173,9 @@ class GatewayMetrics:
 
     def watch_audit(self, writer: AuditSource) -> None:
         self.state.audit = writer
+
+    def watch_limiter(self, limiter: LimiterSource) -> None:
+        self.state.limiter = limiter
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,24 +4,35 @@ The cache keeps each row for at most `ttl` seconds (≤ 1 s), so a revocation, s
 every gateway replica within a second even when no invalidation message arrives; `invalidate()` makes it
 immediate where Redis pub/sub is wired. Unknown prefixes are cached too, so a flood of bad keys costs one query
 per prefix per TTL. Last-used times are collected in memory and written in batches by `flush_last_used()`.
+
+Database down: a key read within the last `stale_s` seconds keeps working from the cache (inference goes on
+for known keys); a Redis invalidation notice still drops it, and a key that is not cached cannot be checked
+(KeyStoreUnavailable, a 503), so a revocation announced while the database is down is still honoured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.config.schema import LimitsConfig, TenantDefaultsConfig
 from bastion.db.models import ApiKey, Limit, Tenant
 from bastion.tenancy import keys
+from bastion.tenancy.auth_failures import AuthFailureGuard
 from bastion.tenancy.views import limits_of
 
 MAX_TTL_S = 0.8  # plus one database read: revocation lands within a second
+log = logging.getLogger(__name__)
+# What "the database is unreachable" looks like through SQLAlchemy and asyncpg/aiosqlite (not a DataError or
+# IntegrityError: those are bugs or bad input, and hiding them behind a 503 would hide them).
+DB_DOWN = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,10 @@ class AuthFailure(Exception):
     """The key is missing, malformed, unknown, expired or revoked (always HTTP 401)."""
 
 
+class KeyStoreUnavailable(Exception):
+    """The database is unreachable and the key is not in the cache: it cannot be checked (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class _Entry:
     secret_hash: bytes
@@ -68,6 +83,8 @@ class Authenticator:
         defaults: TenantDefaultsConfig,
         *,
         ttl: float = 0.5,
+        stale_s: float = 0.0,
+        guard: AuthFailureGuard | None = None,
     ) -> None:
         if not 0 < ttl <= MAX_TTL_S:
             raise ValueError(f"ttl must be in (0, {MAX_TTL_S}] so revocation takes effect within a second")
@@ -75,6 +92,10 @@ class Authenticator:
         self._pepper = pepper
         self._defaults = defaults
         self._ttl = ttl
+        self.guard = guard  # refused keys per client address (the HTTP layer knows the address)
+        self._stale_s = stale_s  # how old a cached key may be and still serve while the database is down
+        self.db_down = False
+        self._db_retry_at = 0.0
         self._cache: dict[str, _Entry | None] = {}
         self._cached_at: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
@@ -118,7 +139,7 @@ class Authenticator:
         self._loading[prefix] = future
         started = time.monotonic()  # the row's age counts from the query, not from its answer
         try:
-            entry = await self._load(prefix)
+            entry, stale = await self._load_or_stale(prefix)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 future.cancel()
@@ -129,11 +150,37 @@ class Authenticator:
         finally:
             self._loading.pop(prefix, None)
         future.set_result(entry)
+        if stale:  # keep the time of the last real read: the bound counts from there
+            return entry
         if len(self._cache) > 100_000:
             self.invalidate()
         self._cache[prefix] = entry
         self._cached_at[prefix] = started
         return entry
+
+    def _stale_entry(self, prefix: str, exc: BaseException | None) -> tuple[_Entry | None, bool]:
+        """While the database is down: the cached row if recent enough, else KeyStoreUnavailable."""
+        if not self.db_down:
+            log.warning("database unreachable (%s): cached keys serve for %g s", type(exc).__name__, self._stale_s)
+        self.db_down = True
+        at = self._cached_at.get(prefix)
+        if at is not None and time.monotonic() - at < self._stale_s:
+            return self._cache[prefix], True
+        raise KeyStoreUnavailable("the key store is unavailable") from None
+
+    async def _load_or_stale(self, prefix: str) -> tuple[_Entry | None, bool]:
+        """(row, stale): the row from the database, or the cached one (stale) while the database is down."""
+        if self.db_down and time.monotonic() < self._db_retry_at:  # do not pay a failed connect per request
+            return self._stale_entry(prefix, None)
+        try:
+            entry = await self._load(prefix)
+        except DB_DOWN as exc:
+            self._db_retry_at = time.monotonic() + 1.0
+            return self._stale_entry(prefix, exc)
+        if self.db_down:
+            log.warning("database reachable again: keys are read from it")
+        self.db_down = False
+        return entry, False
 
     async def _load(self, prefix: str) -> _Entry | None:
         async with self._sessions() as session:

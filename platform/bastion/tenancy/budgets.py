@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import KeyUsageCounter, UsageCounter
-from bastion.tenancy.limits import Subject
+from bastion.tenancy.limits import REDIS_DOWN, Subject
 
 _PREFIX = "bastion:budget:"
 
@@ -75,14 +75,21 @@ class BudgetTracker:
     async def used(self, scope: str, subject_id: str, period: str) -> int:
         """Tokens used by the tenant or key in the period, seeded from the database on first use."""
         key = (f"{scope}:{subject_id}", period)
-        if self._redis is None:
-            if key in self._local:
-                return self._local[key]
-            async with self._locks.setdefault(key, asyncio.Lock()):
-                if key not in self._local:
-                    self._local[key] = await self._db_total(scope, subject_id, period)
+        if self._redis is not None:
+            try:
+                return await self._redis_used(scope, subject_id, period)
+            except REDIS_DOWN:  # Redis down: the database's total, counted on in this process until it returns
+                pass
+        if key in self._local:
             return self._local[key]
-        rkey = f"{_PREFIX}{key[0]}:{period}"
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._local:
+                self._local[key] = await self._db_total(scope, subject_id, period)
+        return self._local[key]
+
+    async def _redis_used(self, scope: str, subject_id: str, period: str) -> int:
+        assert self._redis is not None
+        rkey = f"{_PREFIX}{scope}:{subject_id}:{period}"
         value = await self._redis.get(rkey)
         if value is not None:
             return int(value)
@@ -122,7 +129,12 @@ class BudgetTracker:
                 periods.append(month_period(at))
             for period in periods:
                 await self.used(s.scope, s.id, period)  # seed first, so the running total includes history
-                if self._redis is None:
-                    self._local[(f"{s.scope}:{s.id}", period)] += tokens
-                else:
-                    await self._redis.incrby(f"{_PREFIX}{s.scope}:{s.id}:{period}", tokens)
+                local = (f"{s.scope}:{s.id}", period)
+                if self._redis is not None:
+                    try:
+                        await self._redis.incrby(f"{_PREFIX}{s.scope}:{s.id}:{period}", tokens)
+                        continue
+                    except REDIS_DOWN:
+                        pass
+                if local in self._local:
+                    self._local[local] += tokens

@@ -9,6 +9,12 @@ Concurrency: a Redis sorted set of in-flight request ids per subject, taken all-
 (entries older than `lease_s` are dropped, so a crashed replica cannot leak slots forever), or a plain counter
 in process.
 
+Redis unavailable: each tenant has a policy (`redis.when_unavailable`, overridable per tenant in
+`redis.tenant_policies`): `fallback` admits against this replica's in-process limiter (limits then hold per
+gateway replica, not across them; a warning is logged and `bastion_limiter_redis_unavailable` is 1), `refuse`
+answers 503. After a failure Redis is left alone for `retry_s`, then the next request tries it again: recovery
+needs nothing from an operator.
+
 Round trips with Redis: admission sends the concurrency script and every window's INCRBY at once (one
 round-trip time over several connections; a window's end is read once per window and remembered); the end of
 a request sends the slot release and the completion tokens at once. Undoing a refused admission costs one more.
@@ -17,6 +23,7 @@ a request sends the slot release and the completion tokens at once. Undoing a re
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Awaitable
@@ -26,8 +33,16 @@ from typing import Any
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bastion.config.schema import LimitsConfig
+
+log = logging.getLogger(__name__)
+FALLBACK = "fallback"
+REFUSE = "refuse"
+# What "Redis is down" looks like from redis-py: refused or dropped connections, timeouts.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
 
 RPM = "requests_per_minute"
 TPM = "tokens_per_minute"
@@ -77,6 +92,10 @@ class LimitExceeded(Exception):
         self.headers = headers
 
 
+class RedisUnavailable(Exception):
+    """Redis cannot be reached and the tenant's policy is to refuse rather than limit in process."""
+
+
 @dataclass
 class Admission:
     request_id: str
@@ -86,6 +105,7 @@ class Admission:
     held: list[str] = field(default_factory=list)  # concurrency keys holding this request
     charged: list[tuple[str, int, int]] = field(default_factory=list)  # window key, expiry, cost
     finished: bool = False
+    local: bool = False  # admitted by the in-process limiter (no Redis configured, or Redis was down)
 
 
 # All-or-none slot acquisition over several sorted sets (tenant, key): drop entries past their lease, refuse
@@ -110,18 +130,36 @@ def _item(amount: int) -> RateLimitItem:
 
 
 class Limiter:
-    def __init__(self, redis_url: str | None = None, *, lease_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        lease_s: float = 900.0,
+        when_unavailable: str = FALLBACK,
+        tenant_policies: dict[str, str] | None = None,
+        retry_s: float = 1.0,
+        timeout_s: float = 2.0,
+    ) -> None:
         self._redis: Redis | None = None
-        self._storage: Storage
+        self._memory = MemoryStorage()
+        self._storage: Storage = self._memory
         if redis_url:
-            self._storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix="bastion:rl")
-            self._redis = Redis.from_url(redis_url)
+            timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+            self._storage = RedisStorage(
+                "async+" + redis_url, implementation="redispy", key_prefix="bastion:rl", **timeouts
+            )
+            self._redis = Redis.from_url(redis_url, **timeouts)
             self._acquire_script = self._redis.register_script(_ACQUIRE_SLOTS)
-        else:
-            self._storage = MemoryStorage()
         self._lease_s = lease_s
         self._local_conc: dict[str, int] = {}
         self._ends: dict[str, float] = {}  # window key → when it ends (epoch seconds)
+        self.when_unavailable = when_unavailable
+        self.tenant_policies = dict(tenant_policies or {})
+        self.retry_s = retry_s
+        self._down_until = 0.0  # monotonic: Redis is not tried again before this
+        self.redis_down = False
+        self.fallback_admissions = 0  # admitted in process because Redis was down (a Prometheus counter)
+        self.redis_refusals = 0  # refused (503) because Redis was down and the tenant's policy says so
 
     @property
     def redis(self) -> Redis | None:
@@ -131,6 +169,25 @@ class Limiter:
     async def aclose(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+    def policy_for(self, tenant: str | None) -> str:
+        """The tenant's policy when Redis is down: its override (by id or name), else the platform's default."""
+        return self.tenant_policies.get(tenant or "", self.when_unavailable)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self.retry_s
+        if not self.redis_down:
+            log.warning("Redis unavailable (%s): limits follow each tenant's policy", type(exc).__name__)
+        self.redis_down = True
+
+    def _mark_up(self) -> None:
+        if self.redis_down:
+            log.warning("Redis is back: limits are shared across gateway replicas again")
+            self._ends.clear()  # window ends learnt in process do not hold in Redis
+        self.redis_down = False
+
+    def _storage_for(self, admission: Admission) -> Storage:
+        return self._memory if admission.local else self._storage
 
     async def _all(self, calls: list[Awaitable[Any]]) -> list[Any]:
         """Redis: concurrently (one round-trip time); in process: in order (no task overhead)."""
@@ -158,12 +215,13 @@ class Limiter:
         windows = self._windows(admission.subjects, prompt_tokens)
         if not windows:
             return None
+        storage = self._storage_for(admission)
         keys = [item.key_for(s.scope, s.id, kind) for s, kind, item, _ in windows]
         now = time.time()
         # A fixed window's end never moves, so each replica asks Redis for it once per window, not per request.
         unknown = [k for k in keys if self._ends.get(k, 0) <= now]
-        incrs = [self._storage.incr(k, w[2].get_expiry(), amount=w[3]) for k, w in zip(keys, windows, strict=True)]
-        results = await self._all([*incrs, *(self._storage.get_expiry(k) for k in unknown)])
+        incrs = [storage.incr(k, w[2].get_expiry(), amount=w[3]) for k, w in zip(keys, windows, strict=True)]
+        results = await self._all([*incrs, *(storage.get_expiry(k) for k in unknown)])
         counts = results[: len(keys)]
         admission.charged = [(k, w[2].get_expiry(), w[3]) for k, w in zip(keys, windows, strict=True)]
         if len(self._ends) > 100_000:
@@ -201,13 +259,15 @@ class Limiter:
     async def _refund(self, admission: Admission) -> None:
         charged, admission.charged = admission.charged, []
         if charged:
-            await self._all([self._storage.incr(k, expiry, amount=-cost) for k, expiry, cost in charged])
+            storage = self._storage_for(admission)
+            await self._all([storage.incr(k, expiry, amount=-cost) for k, expiry, cost in charged])
 
-    def _token_adds(self, subjects: list[Subject], tokens: int) -> list[Awaitable[Any]]:
+    def _token_adds(self, admission: Admission, tokens: int) -> list[Awaitable[Any]]:
         if tokens <= 0:
             return []
-        windows = [(s, item) for s, kind, item, _ in self._windows(subjects, 0) if kind == TPM]
-        return [self._storage.incr(item.key_for(s.scope, s.id, TPM), item.get_expiry(), tokens) for s, item in windows]
+        storage = self._storage_for(admission)
+        windows = [(s, item) for s, kind, item, _ in self._windows(admission.subjects, 0) if kind == TPM]
+        return [storage.incr(item.key_for(s.scope, s.id, TPM), item.get_expiry(), tokens) for s, item in windows]
 
     # --- concurrency --------------------------------------------------------------------------------
 
@@ -223,7 +283,7 @@ class Limiter:
         wanted = self._slots_wanted(admission.subjects)
         if not wanted:
             return None
-        if self._redis is None:
+        if self._redis is None or admission.local:
             refused = next((s for s, key, limit in wanted if self._local_conc.get(key, 0) >= limit), None)
             if refused is None:
                 for _, key, _ in wanted:
@@ -243,7 +303,7 @@ class Limiter:
         held, admission.held = admission.held, []
         if not held:
             return
-        if self._redis is None:
+        if self._redis is None or admission.local:
             for key in held:
                 self._local_conc[key] = max(self._local_conc.get(key, 1) - 1, 0)
             return
@@ -257,15 +317,34 @@ class Limiter:
 
     # --- the calls the gateway makes ----------------------------------------------------------------------
 
-    async def admit(self, request_id: str, subjects: list[Subject], prompt_tokens: int) -> Admission:
-        """Take slots and charge the windows for one request, or raise LimitExceeded having kept nothing."""
-        admission = Admission(request_id, subjects, prompt_tokens, RateHeaders())
+    async def admit(
+        self, request_id: str, subjects: list[Subject], prompt_tokens: int, *, tenant: str | None = None
+    ) -> Admission:
+        """Take slots and charge the windows for one request, or raise LimitExceeded having kept nothing.
+
+        `tenant` (id or name) picks the policy when Redis is down: RedisUnavailable for `refuse`."""
+        if self._redis is not None and time.monotonic() >= self._down_until:
+            try:
+                admission = await self._admit(Admission(request_id, subjects, prompt_tokens, RateHeaders()))
+            except REDIS_DOWN as exc:
+                self._mark_down(exc)
+            else:
+                self._mark_up()
+                return admission
+        if self._redis is not None:  # down: the tenant's policy decides
+            if self.policy_for(tenant) == REFUSE:
+                self.redis_refusals += 1
+                raise RedisUnavailable("the rate limiter's store (Redis) is unavailable")
+            self.fallback_admissions += 1
+        return await self._admit(Admission(request_id, subjects, prompt_tokens, RateHeaders(), local=True))
+
+    async def _admit(self, admission: Admission) -> Admission:
         try:
             slot_refusal, window_refusal = await self._all(
-                [self._take_slots(admission), self._hit_windows(admission, prompt_tokens)]
+                [self._take_slots(admission), self._hit_windows(admission, admission.prompt_tokens)]
             )
         except BaseException:
-            await self.cancel(admission)
+            await self._cancel_quietly(admission)
             raise
         refusal = slot_refusal or window_refusal
         if refusal is not None:
@@ -280,9 +359,19 @@ class Limiter:
         admission.finished = True
         await self._all([self._release_slots(admission), self._refund(admission)])
 
+    async def _cancel_quietly(self, admission: Admission) -> None:
+        """Cancel after a failure: with Redis gone, slots expire with their lease and windows with their minute."""
+        try:
+            await self.cancel(admission)
+        except REDIS_DOWN as exc:
+            self._mark_down(exc)
+
     async def finish(self, admission: Admission, completion_tokens: int) -> None:
         """Free the request's slots and add its completion tokens to the token windows (idempotent)."""
         if admission.finished:
             return
         admission.finished = True
-        await self._all([self._release_slots(admission), *self._token_adds(admission.subjects, completion_tokens)])
+        try:
+            await self._all([self._release_slots(admission), *self._token_adds(admission, completion_tokens)])
+        except REDIS_DOWN as exc:  # the slot's lease frees it later; nothing to tell the client
+            self._mark_down(exc)

@@ -78,6 +78,7 @@ class RequestRecord:
     speculation: SpeculationStats | None = None
     key_prefix: str | None = None  # the public part of the presented key, also when it was refused
     client_address: str | None = None
+    replica: str | None = None  # `upstream#replica-id` when the upstream named the replica that served it
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -95,7 +95,8 @@ def check_drift(
     rate = live.acceptance_rate
     enough = live.draft_tokens >= min_draft_tokens and rate is not None
     if baseline is None or rate is None:
-        return DriftStatus(profile, False, enough, rate, baseline.acceptance_rate if baseline else None, None, 0)
+        baseline_rate = baseline.acceptance_rate if baseline else None
+        return DriftStatus(profile, False, enough, rate, baseline_rate, None, live.draft_tokens)
     drop = baseline.acceptance_rate - rate
     return DriftStatus(
         profile,
@@ -148,3 +149,28 @@ class DriftMonitor:
             margin=self.margin,
             min_draft_tokens=self.min_draft_tokens,
         )
+
+
+def drift_exposition(status: DriftStatus, model: str) -> str:
+    """Prometheus text for one profile's verdict: live (window) and baseline acceptance, and the 0/1 alert.
+
+    Live and baseline are left out while unknown (no drafts in the window, no baseline measured); the alert is
+    always there, so an alert rule can also watch for its absence."""
+    labels = f'model="{model}",profile="{status.profile}"'
+    out = []
+    for name, value, text in (
+        ("live", status.live_rate, "Draft acceptance rate over the recent window, this replica"),
+        ("baseline", status.baseline_rate, "Draft acceptance rate last measured for this profile's head"),
+    ):
+        out.append(f"# HELP bastion_mtp_acceptance_{name} {text}\n# TYPE bastion_mtp_acceptance_{name} gauge\n")
+        if value is not None:
+            out.append(f"bastion_mtp_acceptance_{name}{{{labels}}} {value:.6g}\n")
+    out.append(
+        "# HELP bastion_mtp_acceptance_drift_alert 1 when live acceptance is below the baseline by more than "
+        "the margin (with enough drafted tokens)\n# TYPE bastion_mtp_acceptance_drift_alert gauge\n"
+        f"bastion_mtp_acceptance_drift_alert{{{labels}}} {int(status.alert)}\n"
+        "# HELP bastion_mtp_acceptance_live_draft_tokens Draft tokens in the live window\n"
+        "# TYPE bastion_mtp_acceptance_live_draft_tokens gauge\n"
+        f"bastion_mtp_acceptance_live_draft_tokens{{{labels}}} {status.live_draft_tokens}\n"
+    )
+    return "".join(out)
