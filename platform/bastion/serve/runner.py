@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,18 +216,39 @@ def placement_name(dep_name: str) -> str:
     return deployment_name(model, profile)
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (a process manager or `kill`): stop as gracefully as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def wait_forever(should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Serve until Ctrl-C or SIGTERM, then shut down gracefully: Serve stops taking new requests, each replica
+    gets its graceful-shutdown period for the requests in flight (streams finish), then Ray stops — no process
+    is left behind (a SIGTERM's default action would kill this driver and orphan the local Ray)."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         while not should_stop():
             time.sleep(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
         import ray
         from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            # Applications first, while the HTTP proxy still relays: their routes go (new requests are refused)
+            # and each replica finishes its in-flight requests within its graceful-shutdown period. Shutting
+            # Serve down at once would stop the proxy too, cutting every open stream.
+            for name in list(serve.status().applications):
+                serve.delete(name)
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def check_address(config: PlatformConfig) -> None:
