@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bastion.commandline import ConfigOption
 from bastion.config import PlatformConfig, load_config
 from bastion.config.schema import LimitsConfig
 
@@ -28,11 +29,6 @@ T = TypeVar("T")
 tenants_app = typer.Typer(help="Tenants: create, list, suspend.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create, list, rotate, revoke.", no_args_is_help=True)
 _out = Console()
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="platform file (default: $BASTION_CONFIG or deploy/local/bastion.yaml)"),
-]
 
 
 def _run(config_path: Path | None, work: Callable[[PlatformConfig, TenantService, KeyService], Awaitable[T]]) -> T:

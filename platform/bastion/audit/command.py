@@ -1,0 +1,115 @@
+"""`bastion audit ...`: keys, verification, exports, retention, content. cli.py registers the group."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from bastion.commandline import ConfigOption, out
+from bastion.config import load_config
+
+audit_app = typer.Typer(help="Tamper-evident audit log: keys, verification, exports, retention.", no_args_is_help=True)
+
+
+@audit_app.command("keygen")
+def audit_keygen(out_dir: Annotated[Path, typer.Option("--out", help="folder for the new key files")]) -> None:
+    """Create an Ed25519 signing key pair (private key mode 0600) and an AES-256 content key (0600)."""
+    from bastion.audit.signing import keygen
+
+    for role, path in keygen(out_dir).items():
+        out.print(f"{role}: {path}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    config: ConfigOption = None,
+    export: Annotated[Path | None, typer.Option("--export", help="verify this export folder offline")] = None,
+    public_key: Annotated[Path | None, typer.Option("--public-key", help="Ed25519 public key (PEM)")] = None,
+) -> None:
+    """Verify every chain and checkpoint in the database, or an export offline (--export DIR --public-key FILE)."""
+    import asyncio
+
+    from bastion.audit import service
+    from bastion.audit.errors import AuditError
+
+    if export is not None:
+        from bastion.audit.exportcheck import verify_export
+        from bastion.audit.signing import Verifier
+
+        if public_key is None:
+            raise AuditError("--export needs --public-key FILE")
+        checked = verify_export(export, Verifier.from_file(public_key))
+        if not checked.ok:
+            raise AuditError(f"export does not verify: {checked.first_problem}")
+        out.print(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
+        return
+    report = asyncio.run(service.verify(load_config(config), public_key))
+    if not report.ok:
+        raise AuditError(f"audit log does not verify: {report.first_problem}")
+    out.print(f"ok: {len(report.chains)} chains, {report.events} events")
+
+
+@audit_app.command("export")
+def audit_export(
+    out_dir: Annotated[Path, typer.Option("--out", help="new (or empty) folder for the export")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, jsonl or parquet")] = "jsonl",
+    tenant: Annotated[str | None, typer.Option("--tenant", help="tenant id (default: every tenant)")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="from this UTC date or ISO time (inclusive)")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="up to this UTC date or ISO time (exclusive)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Export audit events with a signed manifest (verify it with `bastion audit verify --export`)."""
+    import asyncio
+
+    from rich.progress import Progress
+
+    from bastion.audit import service
+
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task("exporting", total=None)
+        result = asyncio.run(
+            service.export(
+                load_config(config),
+                fmt,
+                out_dir,
+                tenant=tenant,
+                start=service.parse_when(start, "--from"),
+                end=service.parse_when(end, "--to"),
+                on_total=lambda n: progress.update(task, total=n),
+                on_progress=lambda n: progress.advance(task, n),
+            )
+        )
+    out.print(f"{result.rows} events exported to {out_dir} (manifest sha256 {result.manifest_sha256})")
+
+
+@audit_app.command("retention")
+def audit_retention(config: ConfigOption = None) -> None:
+    """Delete audit events past each tenant's retention, up to signed checkpoints; the deletion is audited."""
+    import asyncio
+
+    from bastion.audit import service
+
+    results = asyncio.run(service.retention(load_config(config)))
+    for r in results:
+        out.print(f"{r.chain_id}: deleted {r.deleted} events up to sequence {r.up_to_sequence}")
+    out.print(f"retention: {sum(r.deleted for r in results)} events deleted")
+
+
+@audit_app.command("content")
+def audit_content(
+    chain: Annotated[str, typer.Option("--chain", help="chain id of the event")],
+    sequence: Annotated[int, typer.Option("--sequence", help="sequence of the event in its chain")],
+    config: ConfigOption = None,
+) -> None:
+    """Decrypt one event's stored prompt and completion (auditors only); the reading is itself audited."""
+    import asyncio
+    import json
+
+    from bastion.audit import service
+
+    content = asyncio.run(service.read_content(load_config(config), chain, sequence))
+    sys.stdout.write(json.dumps(content, ensure_ascii=False, indent=2) + "\n")
