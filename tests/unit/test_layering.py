@@ -13,18 +13,20 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "bastion"
 # What each part may import from Bastion (besides itself). Anything not listed is forbidden.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "commandline": set(),  # the --config option, console and progress bar every command module shares
     "config": {"errors"},
     "db": {"config", "errors"},
-    "engine": {"config", "errors"},
-    "pool": {"config", "errors", "db"},
-    "tenancy": {"config", "errors", "db"},
-    "audit": {"config", "errors", "db"},
+    "engine": {"config", "errors", "commandline"},
+    "pool": {"config", "errors", "db", "commandline"},
+    "tenancy": {"config", "errors", "db", "commandline"},
+    "audit": {"config", "errors", "db", "commandline"},
     "routing": {"config", "errors", "db", "pool"},
     "telemetry": {"config", "errors"},
     "gateway": {"config", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry"},
-    "control": {"config", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry"},
+    "control": {"config", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry", "commandline"},
     "serve": {"config", "errors", "db", "engine", "tenancy", "audit", "routing", "pool", "telemetry", "gateway"},
     "bench": {
+        "commandline",
         "config",
         "errors",
         "db",
