@@ -53,7 +53,7 @@ def start_vllm(model_dir: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
