@@ -18,21 +18,17 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_DSN = os.environ.get("BASTION_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_TEST_DB = 13
-
-
-def _pg_exec(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(PG_ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+from testbed import (
+    DATA_DIR,
+    PG_ADMIN_DSN,
+    REDIS_TEST_DB,
+    REDIS_URL,
+    SERVE_PORT,
+    bootstrap_key,
+    engine_test_config,
+    pg_exec,
+    wait_for_route,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,12 +51,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped at the end."""
     name = f"bastion_test_{uuid.uuid4().hex[:10]}"
-    _pg_exec(f'CREATE DATABASE "{name}"')
+    pg_exec(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_DSN.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}".replace("postgresql://", "postgresql+asyncpg://", 1)
     finally:
-        _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -86,10 +82,6 @@ def redis_url() -> Iterator[str]:
 
 # --- Ray and the real vLLM engines: started once per test session --------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("BASTION_TEST_DATA_DIR", ROOT / ".bastion-data"))
-SERVE_PORT = 18123
-
 
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
@@ -97,26 +89,6 @@ def bundled_model() -> Path:
     from bastion.engine.model_store import prepare_bundled
 
     return prepare_bundled("smollm2-135m", DATA_DIR)
-
-
-def engine_test_config(tmp_dir: Path, dtype: str = "float32", otlp_endpoint: str | None = None) -> Path:
-    """A platform file for the tests: float32 (so greedy output with and without speculation match)."""
-    import yaml
-
-    from bastion.audit.signing import keygen
-
-    text = (ROOT / "deploy/local/bastion.yaml").read_text()
-    data = yaml.safe_load(text)
-    data["data_dir"] = str(DATA_DIR)
-    data["database"]["url"] = f"sqlite+aiosqlite:///{tmp_dir / 'bastion.db'}"
-    data["models"][0]["dtype"] = dtype
-    keys = keygen(tmp_dir / "audit-keys")
-    data["audit"] = {"signing_key_file": str(keys["private"]), "content_key_file": str(keys["content"])}
-    if otlp_endpoint:
-        data["telemetry"] = {"otlp_endpoint": otlp_endpoint}
-    path = tmp_dir / "platform.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -161,32 +133,6 @@ class PlatformStack:
     apps: list
 
 
-async def _bootstrap_key(config) -> str:
-    from bastion.serve.runner import bootstrap_tenant
-
-    token = await bootstrap_tenant(config)
-    assert token, "the test database already had tenants"
-    return token
-
-
-def _wait_for_route(url: str, timeout_s: float = 60) -> None:
-    """Serve reports the app running before every proxy has its route: wait until the proxy answers."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="session")
 def otlp_receiver():
     """An OTLP/HTTP receiver for the whole session: the platform's gateway and replicas export their spans here."""
@@ -211,9 +157,9 @@ def platform_stack(
     path = engine_test_config(tmp_path_factory.mktemp("platform"), otlp_endpoint=otlp_receiver.url)
     config = load_config(path, Settings())
     migrate.upgrade(config.database.url)
-    token = asyncio.run(_bootstrap_key(config))
+    token = asyncio.run(bootstrap_key(config))
     serve.run(build_app({"config": str(path)}), name="bastion", route_prefix="/")
-    _wait_for_route(f"http://127.0.0.1:{SERVE_PORT}/healthz")
+    wait_for_route(f"http://127.0.0.1:{SERVE_PORT}/healthz")
     return PlatformStack(config, path, f"http://127.0.0.1:{SERVE_PORT}/v1", token, engine_apps(config))
 
 

@@ -177,7 +177,7 @@ class Platform:
 def platform(vllm_upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     from bastion.config import Settings, load_config
     from bastion.db import migrate
-    from conftest import _bootstrap_key, engine_test_config
+    from testbed import bootstrap_key, engine_test_config
 
     path = engine_test_config(tmp_path_factory.mktemp("external"))
     data = yaml.safe_load(path.read_text())
@@ -197,7 +197,7 @@ def platform(vllm_upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) 
     path.write_text(yaml.safe_dump(data))
     config = load_config(path, Settings())
     migrate.upgrade(config.database.url)
-    token = asyncio.run(_bootstrap_key(config))
+    token = asyncio.run(bootstrap_key(config))
     gateway = GatewayThread(config).start()
     try:
         yield Platform(config, gateway, token, vllm_upstream)

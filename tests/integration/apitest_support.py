@@ -20,6 +20,7 @@ from bastion.config.schema import LimitsConfig
 from bastion.db import migrate
 from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, platform_config, upstreams_for
 from secret_scan import register_secret
+from testbed import PG_ADMIN_DSN, pg_exec
 
 _issue_token = h.TestIdp.token
 
@@ -30,34 +31,21 @@ def _registered_token(self: h.TestIdp, username: str, password: str = h.PASSWORD
 
 
 h.TestIdp.token = _registered_token  # type: ignore[method-assign]
-PG_ADMIN_DSN = os.environ.get("BASTION_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379")
 GENEROUS = LimitsConfig(requests_per_minute=100_000, tokens_per_minute=10_000_000, concurrent_requests=64)
-
-
-def _pg_exec(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(PG_ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 @contextmanager
 def fresh_pg() -> Iterator[str]:
     """A migrated PostgreSQL database of its own (random tenants made here never meet other modules' names)."""
     name = f"bastion_sec_{uuid.uuid4().hex[:10]}"
-    _pg_exec(f'CREATE DATABASE "{name}"')
+    pg_exec(f'CREATE DATABASE "{name}"')
     url = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+asyncpg://", 1)
     try:
         migrate.upgrade(url)
         yield url
     finally:
-        _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def flush_redis(db: int) -> str:

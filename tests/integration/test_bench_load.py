@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_scripted_load_phase_reports_no_errors(ray_cluster: None, tmp_path: Path) -> None:
     from bastion.bench.load import markdown, run_load
-    from conftest import SERVE_PORT
+    from testbed import SERVE_PORT
 
     reports = run_load(
         tmp_path,

@@ -40,13 +40,13 @@ async def _stream(handle, endpoint: str, body: dict[str, Any]) -> str:
 
 async def test_chat_and_completion_non_streaming(engine_handles: dict) -> None:
     for handle in engine_handles.values():
-        status, chat = await handle.complete.remote("chat", _chat(PROMPTS[0]))
-        assert status == 200
+        status, chat, replica = await handle.complete.remote("chat", _chat(PROMPTS[0]))
+        assert status == 200 and replica  # each answer names the Serve replica that gave it
         assert chat["object"] == "chat.completion"
         assert chat["choices"][0]["message"]["content"].startswith("1, 2, 3")
         assert chat["usage"]["completion_tokens"] == 48
 
-        status, completion = await handle.complete.remote("completion", {"prompt": "1, 2, 3,", "max_tokens": 8})
+        status, completion, _ = await handle.complete.remote("completion", {"prompt": "1, 2, 3,", "max_tokens": 8})
         assert status == 200
         assert completion["object"] == "text_completion"
         assert completion["usage"]["completion_tokens"] == 8
@@ -69,7 +69,7 @@ async def test_chat_and_completion_streaming(engine_handles: dict) -> None:
 
 
 async def test_invalid_request_is_an_openai_400(engine_handles: dict) -> None:
-    status, body = await engine_handles["deep-context"].complete.remote("chat", {"messages": "not a list"})
+    status, body, _ = await engine_handles["deep-context"].complete.remote("chat", {"messages": "not a list"})
     assert status == 400
     assert body["error"]["type"] == "invalid_request_error"
     assert "messages" in body["error"]["message"]
@@ -82,7 +82,7 @@ async def test_prompt_token_count_matches_usage(engine_handles: dict) -> None:
     handle = engine_handles["deep-context"]
     body = _chat(PROMPTS[1], max_tokens=4)
     counted = await handle.count_prompt_tokens.remote("chat", body)
-    _, response = await handle.complete.remote("chat", body)
+    _, response, _ = await handle.complete.remote("chat", body)
     assert counted == response["usage"]["prompt_tokens"] > 5
 
 
@@ -91,7 +91,7 @@ async def test_speculation_stats_reconcile_with_vllm_counters(engine_handles: di
     before = SpeculationStats(**_counters(await fast.stats.remote()))
     per_request = SpeculationStats()
     for prompt in PROMPTS:
-        _, response = await fast.complete.remote("chat", _chat(prompt))
+        _, response, _ = await fast.complete.remote("chat", _chat(prompt))
         per_request = per_request + SpeculationStats.from_response_metrics(response["metrics"]["speculative_decoding"])
         sse = await _stream(fast, "chat", _chat(prompt, stream_options={"include_usage": True}))
         final = _events(sse)[-1]
@@ -108,7 +108,7 @@ async def test_speculation_stats_reconcile_with_vllm_counters(engine_handles: di
     )
     assert delta.accepted_per_position == per_request.accepted_per_position
 
-    _, response = await deep.complete.remote("chat", _chat(PROMPTS[0]))
+    _, response, _ = await deep.complete.remote("chat", _chat(PROMPTS[0]))
     assert "speculative_decoding" not in (response.get("metrics") or {})
     deep_stats = await deep.stats.remote()
     assert deep_stats["speculation"]["draft_tokens"] == 0
@@ -117,8 +117,8 @@ async def test_speculation_stats_reconcile_with_vllm_counters(engine_handles: di
 async def test_float32_greedy_output_same_with_and_without_speculation(engine_handles: dict) -> None:
     for prompt in PROMPTS[:2]:
         body = _chat(prompt, max_tokens=96)
-        _, fast = await engine_handles["fast-agentic"].complete.remote("chat", body)
-        _, deep = await engine_handles["deep-context"].complete.remote("chat", body)
+        _, fast, _ = await engine_handles["fast-agentic"].complete.remote("chat", body)
+        _, deep, _ = await engine_handles["deep-context"].complete.remote("chat", body)
         assert fast["metrics"]["speculative_decoding"]["num_accepted_draft_tokens"] > 0
         assert fast["choices"][0]["message"]["content"] == deep["choices"][0]["message"]["content"]
 

@@ -45,7 +45,7 @@ class Scripted:
 def _pg_database() -> tuple[str, str]:
     import psycopg2
 
-    from conftest import PG_ADMIN_DSN
+    from testbed import PG_ADMIN_DSN
 
     name = f"bastion_rel_{uuid.uuid4().hex[:10]}"
     conn = psycopg2.connect(PG_ADMIN_DSN)
@@ -76,7 +76,7 @@ def scripted(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     from bastion.db import migrate
     from bastion.serve.options import deployment_name
     from bastion.serve.runner import bootstrap_tenant
-    from conftest import SERVE_PORT, _pg_exec, _wait_for_route
+    from testbed import SERVE_PORT, pg_exec, wait_for_route
 
     tmp = tmp_path_factory.mktemp("reliability")
     name, url = _pg_database()
@@ -86,12 +86,12 @@ def scripted(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     token = aio.run(bootstrap_tenant(load_config(path)))
     assert token
     _deploy(path)
-    _wait_for_route(f"http://127.0.0.1:{SERVE_PORT}{PREFIX}/healthz")
+    wait_for_route(f"http://127.0.0.1:{SERVE_PORT}{PREFIX}/healthz")
     try:
         yield Scripted(path, url, f"http://127.0.0.1:{SERVE_PORT}{PREFIX}/v1", token, deployment_name(MODEL, PROFILE))
     finally:
         serve.delete(APP)
-        _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _body(max_tokens: int | None = None, **extra) -> dict:
