@@ -61,17 +61,6 @@ async def bootstrap_key(config) -> str:
 
 def wait_for_route(url: str, timeout_s: float = 60) -> None:
     """Serve reports the app running before every proxy has its route: wait until the proxy answers."""
-    import time
+    from bastion.bench.load import wait_until_ok
 
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
-        time.sleep(0.5)
+    wait_until_ok(url, timeout_s)

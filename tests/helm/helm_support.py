@@ -40,6 +40,14 @@ def run_helm(*args: str, values: list[Path] | None = None, check: bool = True) -
     return result
 
 
+def chart_values(platform_file: Path, out: Path) -> Path:
+    """`bastion helm values` for this chart, as an operator runs it; the values file it wrote."""
+    cmd = [str(BASTION), "helm", "values", "--config", str(platform_file), "--chart", str(CHART), "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def template(values: list[Path] | None = None, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, values=values, check=check)
 

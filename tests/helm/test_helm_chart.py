@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import yaml
 from helm_support import (
-    BASTION,
     CHART,
     KUBERNETES_VALIDATE,
     MIXED_POOL,
     NAMESPACE,
     Manifest,
+    chart_values,
     find,
     one,
     parse,
@@ -448,15 +448,7 @@ def test_generated_keys_are_in_the_formats_bastion_reads(tmp_path: Path) -> None
     source["audit"] = {"content_key_file": "/keys/content.key", "log_content": True}
     platform_file = tmp_path / "platform.yaml"
     platform_file.write_text(yaml.safe_dump(source))
-    values = tmp_path / "values.yaml"
-    result = subprocess.run(
-        [str(BASTION), "helm", "values", "--config", str(platform_file), "--chart", str(CHART), "--out", str(values)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    values = chart_values(platform_file, tmp_path / "values.yaml")
     secret = one(parse(template([values]).stdout), "Secret", "bastion-secrets")
     files = {}
     for key, data in secret["data"].items():

@@ -4,14 +4,13 @@ ControlSettings and bastion.pool.live read."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from helm_support import BASTION, CHART, MIXED_POOL, NAMESPACE, Manifest, one, parse, template
+from helm_support import MIXED_POOL, NAMESPACE, Manifest, chart_values, one, parse, template
 
 from bastion.config import PlatformConfig
 from bastion.control.settings import ControlSettings
@@ -100,15 +99,7 @@ def test_oidc_issuer_without_a_client_id_fails_to_render(tmp_path: Path) -> None
     source = yaml.safe_load(MIXED_POOL.read_text())
     source["auth"] = {"oidc_issuer": "https://kc.example/realms/bastion"}
     platform_file = _values(tmp_path, "platform.yaml", source)
-    values = tmp_path / "values.yaml"
-    result = subprocess.run(
-        [str(BASTION), "helm", "values", "--config", str(platform_file), "--chart", str(CHART), "--out", str(values)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    values = chart_values(platform_file, tmp_path / "values.yaml")
     failed = template([values], check=False)
     assert failed.returncode != 0 and "no OIDC client id" in failed.stderr
     fixed = _values(tmp_path, "client.yaml", {"controlPlane": {"oidc": {"clientId": "console", "audience": ""}}})

@@ -267,7 +267,8 @@ def _bootstrap(path: Path) -> str:
     return token
 
 
-def _wait_for(url: str, timeout_s: float = 120) -> None:
+def wait_until_ok(url: str, timeout_s: float = 120) -> None:
+    """Poll `url` until it answers 200: Serve reports an application running before every proxy has its route."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -299,7 +300,7 @@ def run_phase(
 
     serve.run(app, name=APP, route_prefix=route_prefix)
     try:
-        _wait_for(f"{base_url}/healthz")
+        wait_until_ok(f"{base_url}/healthz")
         samples: dict[str, dict[int, tuple[str, float]]] = {}
         warm, tally = asyncio.run(
             drive(
