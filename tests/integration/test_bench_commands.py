@@ -36,12 +36,15 @@ def _gateway_bench(*extra: str) -> dict:
         for mode in ("policy", "bare"):
             assert level[mode]["requests"] > 0 and level[mode]["errors"] == 0, (mode, level)
             assert 0 < level[mode]["p50_ms"] <= level[mode]["p99_ms"]
+            assert level[mode]["server_cpu_ms_per_request"] > 0  # read from the server process, not the client
     return figures
 
 
 def test_bench_gateway_compares_policy_with_bare_relay_in_process() -> None:
-    figures = _gateway_bench("--engine", "inprocess")
-    assert figures["engine"] == "scripted, in process"
+    figures = _gateway_bench("--engine", "inprocess", "--engine-delay-ms", "5")
+    assert figures["engine"] == "scripted, in process" and figures["engine_delay_ms"] == 5
+    for level in figures["levels"]:  # every answer waited for the scripted engine's 5 ms
+        assert level["policy"]["p50_ms"] >= 5 and level["bare"]["p50_ms"] >= 5
     assert "litellm" not in figures["levels"][0] and figures["litellm"].startswith("not run")
 
 

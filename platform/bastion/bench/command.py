@@ -94,6 +94,9 @@ def bench_gateway(
     engine: Annotated[str, typer.Option(help="http (engine server; LiteLLM joins) or inprocess")] = "http",
     litellm: Annotated[str | None, typer.Option(help="LiteLLM proxy command (default: .tools/litellm)")] = None,
     no_litellm: Annotated[bool, typer.Option("--no-litellm", help="skip the LiteLLM column")] = False,
+    engine_delay_ms: Annotated[
+        float, typer.Option(help="scripted engine time per answer (0: saturate; ~20: a real engine's room)")
+    ] = 0.0,
 ) -> None:
     """The gateway's own overhead: full policy path against a bare relay of the same app and scripted engine,
     and the LiteLLM proxy in front of the same engine when it is installed."""
@@ -103,6 +106,8 @@ def bench_gateway(
 
     if engine not in ("http", "inprocess"):
         raise typer.BadParameter("--engine is http or inprocess")
+    if engine_delay_ms < 0:
+        raise typer.BadParameter("--engine-delay-ms is 0 or more")
     result = run_gateway_bench(
         concurrency=tuple(int(c) for c in concurrency.split(",")),
         requests_per_level=requests,
@@ -111,6 +116,7 @@ def bench_gateway(
         engine=engine,
         litellm=litellm,
         with_litellm=not no_litellm,
+        engine_delay_ms=engine_delay_ms,
     )
     out.print(markdown(result), soft_wrap=True, markup=False)
     print(json.dumps(result))

@@ -8,6 +8,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bastion.gateway.app import add_inference_routes
 from bastion.gateway.relay import upstream_body
 from bastion.gateway.upstream import Endpoint, EngineClient
 
@@ -22,10 +23,10 @@ def add_bare_routes(app: FastAPI, engine: EngineClient) -> None:
         answer = await engine.complete(upstream.name, endpoint, sent)
         return JSONResponse(answer.body, status_code=answer.status)
 
-    @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await relay(request, "chat")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await relay(request, "completion")
+
+    add_inference_routes(app, chat, completions)  # mounted as the policy app's are, so only the policy differs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 MODEL = "bench-model"
@@ -41,7 +43,13 @@ def _config(data_dir: str, database_url: str, redis_url: str | None):
 
 
 def serve(
-    mode: str, port: int, data_dir: str, database_url: str, redis_url: str | None, engine_url: str | None = None
+    mode: str,
+    port: int,
+    data_dir: str,
+    database_url: str,
+    redis_url: str | None,
+    engine_url: str | None = None,
+    engine_delay_ms: float = 0.0,
 ) -> None:
     """Run one app (policy, bare, or the scripted engine's own server) under uvicorn until killed."""
     import uvicorn
@@ -51,12 +59,18 @@ def serve(
     from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, upstreams_for
 
     if mode == "engine":
-        uvicorn.run(engine_app(MODEL), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.run(
+            engine_app(MODEL, engine_delay_ms / 1000),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+        )
         return
     engine: Any = (
         HttpEngine(engine_url, MODEL)
         if engine_url
-        else ScriptedEngine(upstreams_for([MODEL], ongoing=10_000), record_bodies=False)
+        else ScriptedEngine(upstreams_for([MODEL], ongoing=10_000), record_bodies=False, delay_s=engine_delay_ms / 1000)
     )
     app = create_app(
         _config(data_dir, database_url, redis_url), engine, pepper=TEST_PEPPER, policy_enabled=mode == "policy"
@@ -95,10 +109,11 @@ async def _wait_ready(url: str, timeout_s: float = 30.0, path: str = "/healthz")
     raise RuntimeError(f"gateway at {url} did not start")
 
 
-async def _round(client: httpx.AsyncClient, concurrency: int, requests: int, deadline: float) -> tuple[list, int]:
+async def _round(client: aiohttp.ClientSession, concurrency: int, requests: int, deadline: float):
     latencies: list[float] = []
     errors = 0
     left = requests
+    payload = json.dumps(BODY).encode()
 
     async def worker() -> None:
         nonlocal left, errors
@@ -106,8 +121,10 @@ async def _round(client: httpx.AsyncClient, concurrency: int, requests: int, dea
             left -= 1
             start = time.perf_counter()
             try:
-                ok = (await client.post("/v1/chat/completions", json=BODY)).status_code == 200
-            except httpx.TransportError:  # counted, not fatal: the summary shows it
+                async with client.post("/v1/chat/completions", data=payload) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:  # counted, not fatal: the summary shows it
                 ok = False
             latencies.append((time.perf_counter() - start) * 1000)
             errors += not ok
@@ -116,7 +133,7 @@ async def _round(client: httpx.AsyncClient, concurrency: int, requests: int, dea
     return latencies, errors
 
 
-def _summary(latencies: list[float], errors: int, elapsed: float) -> dict[str, Any]:
+def _summary(latencies: list[float], errors: int, elapsed: float, cpu_s: float) -> dict[str, Any]:
     latencies = sorted(latencies)
     return {
         "requests": len(latencies),
@@ -124,38 +141,79 @@ def _summary(latencies: list[float], errors: int, elapsed: float) -> dict[str, A
         "p50_ms": round(statistics.median(latencies), 3),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
         "throughput_rps": round(len(latencies) / elapsed, 1),
+        "server_cpu_ms_per_request": round(cpu_s * 1000 / max(len(latencies), 1), 4),
     }
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a server process and its children: what one request costs the server, however
+    loaded the machine is (latency on a shared host mixes in every other process)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        total = 0.0
+        for proc in [process, *process.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        return total
+    except psutil.Error:
+        return 0.0
 
 
 async def _level(
-    urls: dict[str, str], tokens: dict[str, str], concurrency: int, requests: int, seconds: float, rounds: int = 4
+    urls: dict[str, str],
+    tokens: dict[str, str],
+    concurrency: int,
+    requests: int,
+    seconds: float,
+    rounds: int = 4,
+    pids: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Alternate the modes' rounds so all see the same machine load; pool the rounds per mode."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    """Alternate the modes' rounds so all see the same machine load; pool the rounds per mode.
+
+    The client is aiohttp (about a third of httpx's CPU per request): it shares the machine with the servers,
+    so the lighter it is, the more of each figure is the server's own."""
     clients = {
-        mode: httpx.AsyncClient(
-            base_url=url, limits=limits, headers={"authorization": f"Bearer {tokens[mode]}"}, timeout=60
+        mode: aiohttp.ClientSession(
+            base_url=url,
+            connector=aiohttp.TCPConnector(limit=concurrency),
+            headers={"authorization": f"Bearer {tokens[mode]}", "content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=60),
         )
         for mode, url in urls.items()
     }
-    pooled: dict[str, tuple[list[float], int, float]] = {mode: ([], 0, 0.0) for mode in urls}
+    pooled: dict[str, tuple[list[float], int, float, float]] = {mode: ([], 0, 0.0, 0.0) for mode in urls}
+    pids = pids or {}
     try:
         for client in clients.values():  # warm-up: connections, caches, first seeds
-            await asyncio.gather(*(client.post("/v1/chat/completions", json=BODY) for _ in range(concurrency)))
+            await _round(client, concurrency, concurrency * 2, time.monotonic() + 30)
         for _ in range(rounds):
             for mode, client in clients.items():
-                began = time.perf_counter()
+                began, cpu = time.perf_counter(), _cpu_seconds(pids.get(mode))
                 lat, err = await _round(client, concurrency, requests // rounds, time.monotonic() + seconds / rounds)
-                total, errors, elapsed = pooled[mode]
-                pooled[mode] = (total + lat, errors + err, elapsed + time.perf_counter() - began)
+                used = _cpu_seconds(pids.get(mode)) - cpu
+                total, errors, elapsed, cpu_s = pooled[mode]
+                pooled[mode] = (total + lat, errors + err, elapsed + time.perf_counter() - began, cpu_s + used)
     finally:
         for client in clients.values():
-            await client.aclose()
+            await client.close()
     return {mode: _summary(*values) for mode, values in pooled.items()}
 
 
-def _spawn(mode: str, port: int, data_dir: str, database_url: str, redis_url: str | None, engine_url: str | None):
+def _spawn(
+    mode: str,
+    port: int,
+    data_dir: str,
+    database_url: str,
+    redis_url: str | None,
+    engine_url: str | None,
+    engine_delay_ms: float = 0.0,
+):
     args = [sys.executable, "-m", "bastion.gateway.bench", "--serve", mode, "--port", str(port)]
+    args += ["--engine-delay-ms", str(engine_delay_ms)]
     args += ["--data-dir", data_dir, "--database-url", database_url]
     if redis_url:
         args += ["--redis-url", redis_url]
@@ -172,6 +230,7 @@ def _row(c: int, measured: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "bare": bare,
         "added_p50_ms": round(full["p50_ms"] - bare["p50_ms"], 3),
         "added_p99_ms": round(full["p99_ms"] - bare["p99_ms"], 3),
+        "added_cpu_ms_per_request": round(full["server_cpu_ms_per_request"] - bare["server_cpu_ms_per_request"], 4),
     }
     if "litellm" in measured:
         peer = measured["litellm"]
@@ -189,11 +248,15 @@ def run_gateway_bench(
     engine: str = "http",
     litellm: str | None = None,
     with_litellm: bool = True,
+    engine_delay_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Start the servers, measure each concurrency level against each, stop them; returns the numbers.
 
     engine: "http" (the scripted engine in its own server; LiteLLM joins when found) or "inprocess".
     litellm: path of the LiteLLM proxy command (default: .tools/litellm, then PATH).
+    engine_delay_ms: how long the scripted engine takes per answer. 0 saturates the machine (throughput, CPU per
+    request); a real engine's tens of milliseconds leave it room, so the added latency is the gateway's own
+    work rather than the queue of a CPU-bound closed loop.
     """
     from bastion.db import migrate
     from bastion.gateway.bench_http import LITELLM_KEY, find_litellm, start_litellm
@@ -209,17 +272,18 @@ def run_gateway_bench(
         try:
             if engine == "http":
                 port = _free_port()
-                procs["engine"] = _spawn("engine", port, data_dir, database_url, None, None)
+                procs["engine"] = _spawn("engine", port, data_dir, database_url, None, None, engine_delay_ms)
                 engine_url = f"http://127.0.0.1:{port}"
             for mode in ("policy", "bare"):
                 port = _free_port()
-                procs[mode] = _spawn(mode, port, data_dir, database_url, redis_url, engine_url)
+                procs[mode] = _spawn(mode, port, data_dir, database_url, redis_url, engine_url, engine_delay_ms)
                 urls[mode] = f"http://127.0.0.1:{port}"
             if litellm_bin and engine_url:
                 port = _free_port()
                 procs["litellm"] = start_litellm(litellm_bin, engine_url, MODEL, port, data_dir)
                 urls["litellm"] = f"http://127.0.0.1:{port}"
             tokens = {"policy": token, "bare": token, "litellm": LITELLM_KEY}
+            pids = {mode: proc.pid for mode, proc in procs.items() if mode in urls}
 
             async def measure() -> list[dict[str, Any]]:
                 if engine_url:
@@ -231,7 +295,8 @@ def run_gateway_bench(
                         await _wait_ready(url)
                 rows = []
                 for c in concurrency:
-                    rows.append(_row(c, await _level(urls, tokens, c, requests_per_level, seconds_per_level)))
+                    measured = await _level(urls, tokens, c, requests_per_level, seconds_per_level, pids=pids)
+                    rows.append(_row(c, measured))
                 return rows
 
             levels = asyncio.run(measure())
@@ -254,6 +319,7 @@ def run_gateway_bench(
         "limiter": "redis" if redis_url else "in-process",
         "database": "sqlite",
         "engine": "scripted over HTTP on 127.0.0.1" if engine == "http" else "scripted, in process",
+        "engine_delay_ms": engine_delay_ms,
         "cpus": os.cpu_count(),
         "levels": levels,
         "litellm": peer,
@@ -264,22 +330,29 @@ def markdown(result: dict[str, Any]) -> str:
     peer = any("litellm" in r for r in result["levels"])
     head = (
         "| concurrency | policy p50 ms | policy p99 ms | bare p50 ms | bare p99 ms | added p50 ms | added p99 ms "
-        "| policy req/s | bare req/s |"
+        "| policy req/s | bare req/s | policy CPU ms/req | bare CPU ms/req | added CPU ms/req |"
     )
     if peer:
-        head += " LiteLLM p50 ms | LiteLLM p99 ms | LiteLLM req/s | policy ÷ LiteLLM req/s |"
+        head += " LiteLLM p50 ms | LiteLLM p99 ms | LiteLLM req/s | LiteLLM CPU ms/req | policy ÷ LiteLLM req/s |"
     lines = [head, "|---" * head.count(" |") + "|"]
     for r in result["levels"]:
         p, b = r["policy"], r["bare"]
         line = (
             f"| {r['concurrency']} | {p['p50_ms']} | {p['p99_ms']} | {b['p50_ms']} | {b['p99_ms']} | "
-            f"{r['added_p50_ms']} | {r['added_p99_ms']} | {p['throughput_rps']} | {b['throughput_rps']} |"
+            f"{r['added_p50_ms']} | {r['added_p99_ms']} | {p['throughput_rps']} | {b['throughput_rps']} | "
+            f"{p['server_cpu_ms_per_request']} | {b['server_cpu_ms_per_request']} | {r['added_cpu_ms_per_request']} |"
         )
         if peer:
             q = r["litellm"]
-            line += f" {q['p50_ms']} | {q['p99_ms']} | {q['throughput_rps']} | {r['throughput_ratio_vs_litellm']} |"
+            line += (
+                f" {q['p50_ms']} | {q['p99_ms']} | {q['throughput_rps']} | {q['server_cpu_ms_per_request']} | "
+                f"{r['throughput_ratio_vs_litellm']} |"
+            )
         lines.append(line)
-    lines.append(f"\nLiteLLM: {result['litellm']}. Load average (1 min) at the end: {result['load_average_1m']}.")
+    lines.append(
+        f"\nEngine: {result['engine']}, {result['engine_delay_ms']} ms per answer. LiteLLM: {result['litellm']}. "
+        f"Load average (1 min) at the end: {result['load_average_1m']}."
+    )
     return "\n".join(lines)
 
 
@@ -291,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url")
     parser.add_argument("--redis-url")
     parser.add_argument("--engine-url")
+    parser.add_argument("--engine-delay-ms", type=float, default=0.0)
     parser.add_argument("--engine", choices=["http", "inprocess"], default="http")
     parser.add_argument("--litellm", help="the LiteLLM proxy command (default: .tools/litellm, then PATH)")
     parser.add_argument("--no-litellm", action="store_true")
@@ -299,10 +373,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.data_dir, args.database_url, args.redis_url, args.engine_url)
+        serve(
+            args.serve,
+            args.port,
+            args.data_dir,
+            args.database_url,
+            args.redis_url,
+            args.engine_url,
+            args.engine_delay_ms,
+        )
         return
-    import json
-
     result = run_gateway_bench(
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
         requests_per_level=args.requests,
@@ -311,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         engine=args.engine,
         litellm=args.litellm,
         with_litellm=not args.no_litellm,
+        engine_delay_ms=args.engine_delay_ms,
     )
     print(markdown(result))
     print(json.dumps(result))

@@ -165,6 +165,16 @@ class GatewayMetrics:
         )
         self.state = _StateCollector()
         r.register(self.state)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The labelled child, remembered: `labels()` validates and locks on every call, ~10 µs on the request
+        path; label values are bounded (tenants fold into `other`), so the dictionary is too."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # --- wiring ------------------------------------------------------------------------------------------
 
@@ -188,27 +198,28 @@ class GatewayMetrics:
             return
         profile, model = record.profile or "", record.model or ""
         status = str(record.status)
-        self.requests.labels(record.endpoint, profile, model, status).inc()
-        self.latency.labels(record.endpoint, profile, model).observe(record.latency_ms / 1000)
+        child = self._child
+        child(self.requests, record.endpoint, profile, model, status).inc()
+        child(self.latency, record.endpoint, profile, model).observe(record.latency_ms / 1000)
         tenant = self.tenant(record.tenant_id)
         if record.status >= 400:
-            self.errors.labels(record.endpoint, profile, model, status, record.error_code or "").inc()
+            child(self.errors, record.endpoint, profile, model, status, record.error_code or "").inc()
             if record.status == 429:
-                self.rejections.labels(tenant, record.error_code or "unknown").inc()
+                child(self.rejections, tenant, record.error_code or "unknown").inc()
         if record.prompt_tokens:
-            self.prompt_tokens.labels(tenant, profile, model).inc(record.prompt_tokens)
+            child(self.prompt_tokens, tenant, profile, model).inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.completion_tokens.labels(tenant, profile, model).inc(record.completion_tokens)
+            child(self.completion_tokens, tenant, profile, model).inc(record.completion_tokens)
         if record.stream and record.ttft_ms is not None and record.status < 400:
-            self.ttft.labels(profile, model).observe(record.ttft_ms / 1000)
+            child(self.ttft, profile, model).observe(record.ttft_ms / 1000)
             if record.completion_tokens > 1:
                 gap = (record.latency_ms - record.ttft_ms) / 1000 / (record.completion_tokens - 1)
-                self.itl.labels(profile, model).observe(max(gap, 0.0))
+                child(self.itl, profile, model).observe(max(gap, 0.0))
         spec = record.speculation
         if spec is not None and (spec.num_spec_steps or spec.num_draft_tokens):
-            self.spec_steps.labels(tenant, profile, model).inc(spec.num_spec_steps)
-            self.spec_drafted.labels(tenant, profile, model).inc(spec.num_draft_tokens)
-            self.spec_accepted.labels(tenant, profile, model).inc(spec.num_accepted_tokens)
+            child(self.spec_steps, tenant, profile, model).inc(spec.num_spec_steps)
+            child(self.spec_drafted, tenant, profile, model).inc(spec.num_draft_tokens)
+            child(self.spec_accepted, tenant, profile, model).inc(spec.num_accepted_tokens)
 
 
 def merge_expositions(parts: Iterable[tuple[Mapping[str, str], str]]) -> bytes:

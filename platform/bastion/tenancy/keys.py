@@ -45,7 +45,7 @@ def parse(token: str) -> tuple[str, str] | None:
     prefix, sep, secret = rest.partition("_")
     if not sep or len(prefix) != PREFIX_HEX or not secret or len(secret) > 128:
         return None
-    if any(c not in "0123456789abcdef" for c in prefix):
+    if prefix.strip("0123456789abcdef"):  # empty exactly when every character is a hex digit
         return None
     return prefix, secret
 

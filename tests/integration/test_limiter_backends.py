@@ -1,0 +1,91 @@
+"""The limiter's two backends answer alike: the same scenarios against real Redis and in process.
+
+All-or-none is the point of the Redis script: a request refused by one counter must not have consumed any
+other (a window charged, a slot taken at another level), or a busy tenant would starve itself."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from bastion.config.schema import LimitsConfig
+from bastion.tenancy.limits import Limiter, LimitExceeded, Subject
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["redis", "in-process"])
+async def limiter(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Limiter]:
+    made = Limiter(redis_url if request.param == "redis" else None)
+    yield made
+    await made.aclose()
+
+
+def _subjects(tenant: LimitsConfig, key: LimitsConfig | None = None) -> list[Subject]:
+    ids = uuid.uuid4().hex[:8]  # fresh counters per test, whatever ran before on the same Redis database
+    out = [Subject("tenant", f"t-{ids}", tenant)]
+    return out + ([Subject("key", f"k-{ids}", key)] if key is not None else [])
+
+
+async def test_a_refused_request_takes_nothing(limiter: Limiter) -> None:
+    subjects = _subjects(LimitsConfig(requests_per_minute=5, tokens_per_minute=10, concurrent_requests=2))
+    with pytest.raises(LimitExceeded) as err:
+        await limiter.admit("big", subjects, 20)
+    assert err.value.limit == "tokens_per_minute" and "20 prompt tokens" in str(err.value)
+    assert err.value.headers.tokens.remaining == 10 and err.value.headers.requests.remaining == 4
+    first = await limiter.admit("a", subjects, 4)
+    assert (first.headers.requests.remaining, first.headers.tokens.remaining) == (4, 6)
+    assert 55 <= first.headers.requests.reset_s <= 60
+    second = await limiter.admit("b", subjects, 1)  # both slots now held: the refused request took none
+    with pytest.raises(LimitExceeded) as err:
+        await limiter.admit("c", subjects, 1)
+    assert err.value.limit == "concurrent_requests" and err.value.headers.requests is not None
+    await limiter.finish(first, 3)
+    await limiter.finish(first, 3)  # idempotent
+    third = await limiter.admit("d", subjects, 1)  # the slot came back; 4 + 3 + 1 + 1 = 9 tokens
+    assert third.headers.tokens.remaining == 1
+    await limiter.cancel(third)  # undone: its request and tokens come back
+    again = await limiter.admit("e", subjects, 1)
+    assert (again.headers.requests.remaining, again.headers.tokens.remaining) == (2, 1)
+    await limiter.finish(second, 0)
+
+
+async def test_all_or_none_across_levels(limiter: Limiter) -> None:
+    subjects = _subjects(
+        LimitsConfig(requests_per_minute=100, concurrent_requests=5), LimitsConfig(concurrent_requests=1)
+    )
+    held = await limiter.admit("a", subjects, 0)
+    for n in range(3):  # the key's slot is full: the tenant's slot must not be taken on the way
+        with pytest.raises(LimitExceeded) as err:
+            await limiter.admit(f"x{n}", subjects, 0)
+        assert err.value.limit == "concurrent_requests" and err.value.scope == "key"
+    assert held.headers.requests.remaining == 99
+    other_key = [subjects[0], Subject("key", "k-other", LimitsConfig(concurrent_requests=1))]
+    for n in range(4):  # the tenant still has 4 free slots and 99 requests
+        await limiter.admit(f"o{n}", [other_key[0], Subject("key", f"k-{n}", LimitsConfig())], 0)
+    with pytest.raises(LimitExceeded) as err:
+        await limiter.admit("full", other_key, 0)
+    assert err.value.scope == "tenant"
+
+
+async def test_the_tightest_window_is_reported(limiter: Limiter) -> None:
+    subjects = _subjects(LimitsConfig(requests_per_minute=100), LimitsConfig(requests_per_minute=3))
+    admitted = await limiter.admit("a", subjects, 0)
+    assert (admitted.headers.requests.limit, admitted.headers.requests.remaining) == (3, 2)
+
+
+async def test_redis_counters_use_the_limits_library_keys(redis_url: str) -> None:
+    """Gateway replicas of the previous release (the `limits` library's calls) share the same counters."""
+    limiter = Limiter(redis_url)
+    try:
+        subjects = _subjects(LimitsConfig(requests_per_minute=7))
+        await limiter.admit("a", subjects, 0)
+        key = f"bastion:rl:LIMITER/tenant/{subjects[0].id}/requests_per_minute/7/1/minute"
+        client = redis.Redis.from_url(redis_url)
+        assert client.get(key) == b"1" and 55 <= client.ttl(key) <= 60
+        client.close()
+    finally:
+        await limiter.aclose()
