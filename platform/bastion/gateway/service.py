@@ -34,6 +34,7 @@ from bastion.tenancy.usage import RequestRecord, RequestRecorder, UsageRecorder
 
 log = logging.getLogger("bastion.gateway")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+FLUSH_LOG_EVERY_S = 60.0
 _NOOP = contextlib.nullcontext()  # the span of a step when tracing is off: shared, nothing allocated
 
 
@@ -66,6 +67,7 @@ class GatewayService:
         self.in_flight: dict[str, int] = {}
         self.affinity = UpstreamAffinity()  # conversation → upstream, where a profile has several upstreams
         self._flush_interval_s = flush_interval_s
+        self._flush_failing: dict[str, float] = {}  # step → when its failure was last logged
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.listener = InvalidationListener(redis_url, authenticator.invalidate) if redis_url else None
@@ -87,8 +89,24 @@ class GatewayService:
         for name, step in (("usage counters", self.usage.flush), ("last-used times", self.auth.flush_last_used)):
             try:
                 await step()
-            except Exception:
-                log.exception("flush of %s failed", name)
+            except Exception as exc:
+                self._flush_failed(name, exc)
+            else:
+                if self._flush_failing.pop(name, None) is not None:
+                    log.warning("flush of %s works again; what was kept has been written", name)
+
+    def _flush_failed(self, name: str, exc: Exception) -> None:
+        """Log the first failure with its traceback, then once a minute: the loop retries every second while the
+        database is down, and what failed stays pending, so nothing is lost by logging less."""
+        now = time.monotonic()
+        last = self._flush_failing.get(name)
+        if last is None:
+            log.exception("flush of %s failed; kept for the next try", name)
+        elif now - last >= FLUSH_LOG_EVERY_S:
+            log.error("flush of %s still failing (%s); kept for the next try", name, type(exc).__name__)
+        else:
+            return
+        self._flush_failing[name] = now
 
     async def aclose(self) -> None:
         if self.listener is not None:

@@ -8,7 +8,6 @@ transaction per flush, so the database sees a few statements a second rather tha
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,8 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import KeyUsageCounter, UsageCounter, utcnow
 from bastion.tenancy.budgets import day_period, month_period
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,8 +171,7 @@ class UsageRecorder:
                     )
                     await session.execute(stmt)
                 await session.commit()
-        except Exception:
-            log.exception("usage counters: flush failed; keeping %d buckets for the next try", len(pending))
+        except Exception:  # the caller logs (once a minute while it lasts): buckets are kept, nothing is lost
             for key, b in pending.items():
                 mine = self._pending[key]
                 for name in vars(b):
