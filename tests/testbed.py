@@ -64,3 +64,9 @@ def wait_for_route(url: str, timeout_s: float = 60) -> None:
     from bastion.bench.load import wait_until_ok
 
     wait_until_ok(url, timeout_s)
+
+
+def metrics_headers(data_dir: str | Path) -> dict[str, str]:
+    """What Prometheus sends to the gateway's metrics paths: by default the internal token in the data dir."""
+    token = (Path(data_dir) / "pool_stats_token").read_text(encoding="utf-8").strip()
+    return {"authorization": f"Bearer {token}"}

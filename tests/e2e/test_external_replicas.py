@@ -268,7 +268,10 @@ def test_openai_sdk_through_the_gateway_to_an_external_vllm(platform: Platform) 
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    engines = httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/metrics/engines", timeout=30).text
+    from testbed import metrics_headers
+
+    scraper = metrics_headers(platform.config.data_dir)
+    engines = httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/metrics/engines", headers=scraper, timeout=30).text
     drafted = [
         sample.value
         for family in text_string_to_metric_families(engines)

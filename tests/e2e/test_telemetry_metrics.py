@@ -29,7 +29,9 @@ def root_url(stack) -> str:
 
 
 def scrape(stack, path: str = "/metrics") -> str:
-    response = httpx.get(f"{root_url(stack)}{path}", timeout=60)
+    from testbed import metrics_headers
+
+    response = httpx.get(f"{root_url(stack)}{path}", headers=metrics_headers(stack.config.data_dir), timeout=60)
     assert response.status_code == 200, response.text[:200]
     assert response.headers["content-type"].startswith("text/plain")
     return response.text

@@ -126,7 +126,7 @@ async def test_redis_down_follows_each_tenants_policy_and_recovers(
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "limiter_unavailable"
         assert refused.headers["retry-after"] == "1"
-        metrics = (await stack.client.get("/metrics")).text
+        metrics = await stack.scrape()
         assert _metric(metrics, "bastion_limiter_redis_unavailable") == 1
         assert _metric(metrics, "bastion_limiter_fallback_admissions_total") >= 7
         assert _metric(metrics, "bastion_limiter_redis_refusals_total") >= 1
@@ -143,7 +143,7 @@ async def test_redis_down_follows_each_tenants_policy_and_recovers(
             assert time.monotonic() < deadline, f"still refused after Redis came back: {statuses[-5:]}"
             await asyncio.sleep(0.2)
         assert redis.Redis(port=REDIS_PORT).keys("bastion:rl*"), "counting is back in the shared Redis"
-        metrics = (await stack.client.get("/metrics")).text
+        metrics = await stack.scrape()
         assert _metric(metrics, "bastion_limiter_redis_unavailable") == 0
         print(  # the figures docs/reliability.md quotes (pytest -s)
             f"\nRELIABILITY redis: {len(statuses)} tries until the refusing tenant was served again "

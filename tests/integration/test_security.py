@@ -90,12 +90,31 @@ async def test_gateway_throttles_an_address_after_refused_keys(
         assert (await bystander.post("/v1/chat/completions", json=CHAT)).status_code == 200
     async with client_at(two, attacker, bad) as elsewhere:  # the count is in Redis: the other replica knows
         assert (await elsewhere.get("/v1/models")).status_code == 429
-    metrics = (await one.client.get("/metrics")).text
+    metrics = await one.scrape()
     assert re.search(r'bastion_auth_failures_total\{outcome="refused",service="gateway"\} [1-9]', metrics), metrics
     assert re.search(r'bastion_auth_failures_total\{outcome="throttled",service="gateway"\} [1-9]', metrics)
     warnings = [r.getMessage() for r in caplog.records if "too many refused credentials" in r.getMessage()]
     assert warnings and attacker in warnings[0]
     assert not any(good.rsplit("_", 1)[1] in r.getMessage() or bad in r.getMessage() for r in caplog.records)
+
+
+async def test_gateway_metrics_are_for_prometheus_only(tmp_path: Path, pg: str) -> None:
+    """Metrics carry every tenant's id and usage: a tenant's key (or none) sees an unknown path there."""
+    config = platform_config(str(tmp_path), pg, ["m1"])
+    async with gateway_stack(config, ScriptedEngine(upstreams_for(["m1"]))) as stack:
+        name, key = await new_key(stack)
+        tenant_id = (await stack.tenants().get(name)).id
+        assert (await stack.client.post("/v1/chat/completions", json=CHAT, headers=_bearer(key))).status_code == 200
+        for headers in ({}, _bearer(key), _bearer("x" * 64), {"authorization": "Basic " + "x" * 64}):
+            refused = await stack.client.get("/metrics", headers=headers)
+            assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+        token = tmp_path / "pool_stats_token"  # the internal token by default (telemetry.metrics_token_file)
+        assert len(token.read_text().strip()) >= 32 and token.stat().st_mode & 0o077 == 0
+        assert f'tenant="{tenant_id}"' in await stack.scrape()
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
 
 
 async def test_gateway_limiter_without_redis_is_per_process(tmp_path: Path, pg: str) -> None:

@@ -152,6 +152,11 @@ class TelemetryConfig(Strict):
     otlp_endpoint: str | None = None
     service_name: str = "bastion"
     max_tenant_labels: int = Field(default=50, ge=1)
+    metrics_token_file: Path | None = Field(
+        default=None,
+        description="bearer token Prometheus sends for the gateway's /metrics and /metrics/engines; "
+        "default: the control plane's pool-stats token (control.pool_stats_token_file)",
+    )
     # Live MTP/speculation acceptance against the baseline stored next to the model's weights
     # (mtp-acceptance-baseline.json, `bastion bench acceptance --write-baseline`): alert metric past the margin.
     acceptance_drift_margin: float = Field(default=0.10, gt=0, lt=1, description="drop (absolute) that alerts")

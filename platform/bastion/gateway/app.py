@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,11 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.config.schema import PlatformConfig
+from bastion.config.token_files import bearer_matches, read_or_create
 from bastion.db.session import create_engine, session_factory
 from bastion.gateway import openapi, policy
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
 from bastion.gateway.upstream import EngineClient
+from bastion.pool.live import load_token
 from bastion.routing.profiles import RoutingPolicy
 from bastion.telemetry import metrics as telemetry_metrics
 from bastion.telemetry.logging import request_id_var
@@ -67,6 +70,15 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def metrics_token_of(config: PlatformConfig) -> str:
+    """`telemetry.metrics_token_file`, else the internal token the gateway already shares with the control plane
+    (`control.pool_stats_token_file`, a Secret in the Helm chart): one more file only for who wants one."""
+    configured = config.telemetry.metrics_token_file
+    if configured is None:
+        return load_token(config)
+    return read_or_create(configured, "telemetry.metrics_token_file", Path(configured))
 
 
 def add_inference_routes(app: FastAPI, chat: Handler, completions: Handler) -> None:
@@ -187,15 +199,28 @@ def create_app(
     async def openapi_document() -> Response:
         return JSONResponse(api_document)
 
+    # Metrics name tenants and their usage: only Prometheus, with its own token, may read them (tenants' API
+    # keys reach this port); anyone else gets the 404 of an unknown path.
+    metrics_token = metrics_token_of(config)
+
+    app.state.metrics_token = metrics_token  # tests scrape in process
+
+    def scraper(request: Request) -> bool:
+        return bearer_matches(metrics_token, request.headers.get("authorization"))
+
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if not scraper(request):
+            return ApiError(404, "Not Found", code="not_found").response()
         return Response(metrics.render(), media_type=telemetry_metrics.CONTENT_TYPE)
 
     engine_metrics = getattr(engine_client, "engine_metrics", None)
     if engine_metrics is not None:
 
         @app.get("/metrics/engines")
-        async def prometheus_engine_metrics() -> Response:
+        async def prometheus_engine_metrics(request: Request) -> Response:
+            if not scraper(request):
+                return ApiError(404, "Not Found", code="not_found").response()
             parts = [({"upstream": info.name}, text) for info, text in await engine_metrics()]
             return Response(telemetry_metrics.merge_expositions(parts), media_type=telemetry_metrics.CONTENT_TYPE)
 

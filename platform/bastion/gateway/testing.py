@@ -226,6 +226,13 @@ class Stack:
     def gateway(self):
         return self.app.state.gateway
 
+    async def scrape(self, path: str = "/metrics") -> str:
+        """The Prometheus text at `path`, read with the metrics token as Prometheus would."""
+        headers = {"authorization": f"Bearer {self.app.state.metrics_token}"}
+        response = await self.client.get(path, headers=headers)
+        assert response.status_code == 200, response.text[:200]
+        return response.text
+
     def tenants(self):
         from bastion.tenancy.tenants import TenantService
 

@@ -9,45 +9,22 @@ once (the single-machine default, where gateway and control plane share `data_di
 
 from __future__ import annotations
 
-import hmac
-import os
-import secrets
 from pathlib import Path
 
 from bastion.config import PlatformConfig
-from bastion.errors import ConfigError
+from bastion.config.token_files import bearer_matches, read_or_create
 
 POOL_STATS_PATH = "/internal/pool/replicas"
 TOKEN_FILE_NAME = "pool_stats_token"  # noqa: S105 - a file name, not a secret
-MIN_TOKEN_CHARS = 32
 
 
 def load_token(config: PlatformConfig) -> str:
     """The shared token: the configured file (at least MIN_TOKEN_CHARS), else one created once in data_dir."""
-    configured = config.control.pool_stats_token_file
-    if configured is not None:
-        try:
-            token = Path(configured).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"control.pool_stats_token_file: cannot read {configured} ({exc.strerror})") from None
-        if len(token) < MIN_TOKEN_CHARS:
-            raise ConfigError(f"control.pool_stats_token_file: {configured} holds fewer than {MIN_TOKEN_CHARS} chars")
-        return token
-    path = Path(config.data_dir) / TOKEN_FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(secrets.token_urlsafe(48))
-    return path.read_text(encoding="utf-8").strip()
+    default = Path(config.data_dir) / TOKEN_FILE_NAME
+    return read_or_create(config.control.pool_stats_token_file, "control.pool_stats_token_file", default)
 
 
-def authorized(token: str, header: str | None) -> bool:
-    """`Authorization: Bearer <token>`, compared in constant time."""
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+authorized = bearer_matches  # `Authorization: Bearer <token>`, compared in constant time
 
 
 def default_url(config: PlatformConfig) -> str:

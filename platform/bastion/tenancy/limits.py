@@ -352,8 +352,9 @@ class Limiter:
         refusal = judge_windows(admission, counts, ends, now)
         if verdict < 0:
             raise _slot_refusal(plan.slots[-verdict - 1][0], admission.headers)
-        if verdict > 0 and refusal is not None:
-            raise refusal
+        if verdict > 0:  # the script refused a window (judge_windows, reading the same counts, names it)
+            window = plan.windows[verdict - 1]
+            raise refusal or _window_refusal(window, WindowState(window.item.amount, -1, 60.0), admission.prompt_tokens)
         admission.held = [key for _, key, _ in plan.slots]
         admission.charged = [(w.key, w.item.get_expiry(), w.cost(admission.prompt_tokens)) for w in plan.windows]
 
