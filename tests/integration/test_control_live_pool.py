@@ -1,7 +1,7 @@
 """Live pool statistics end to end: real Ray Serve, both vLLM CPU replicas and the gateway (the session's
 platform_stack), and the control plane in its own server polling the gateway's internal endpoint. After a few
 requests the admin API and the console's pool page show the live replicas with requests, tok/s and draft
-acceptance for fast-agentic (ngram speculation), and the endpoint refuses anyone without the shared token."""
+acceptance for fast-agentic (MTP speculation), and the endpoint refuses anyone without the shared token."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CONTROL_PORT = 18261
 MODEL = "smollm2-135m"
 FAST, DEEP = f"{MODEL}@fast-agentic", f"{MODEL}@deep-context"
-# Repetitive text: the ngram drafter finds its continuations in the prompt, so drafts get accepted.
+# Repetitive text: easy to draft for (MTP or ngram), so drafts get accepted.
 PROMPT = "Copy this line ten times: red green blue red green blue red green blue red green blue."
 
 

@@ -94,6 +94,32 @@ def test_head_moves_onto_another_body(tiny_llama: Path, tmp_path: Path) -> None:
     assert torch.all(_weights(b)["model.mtp_layers.0.input_proj.weight"] == 3)
 
 
+def test_head_file_round_trips_through_graft(tiny_llama: Path, tmp_path: Path) -> None:
+    """export_head writes only the MTP layer (bfloat16); graft --head FILE installs exactly those values."""
+    from safetensors.torch import load_file
+
+    from bastion.engine.mtp.graft import MTP_PREFIX, export_head, graft, load_weights
+
+    a = graft(tiny_llama, tmp_path / "a")
+    head = export_head(a, tmp_path / "heads" / "head.safetensors")
+    tensors = load_file(head)
+    assert tensors and all(k.startswith(MTP_PREFIX) and v.dtype == torch.bfloat16 for k, v in tensors.items())
+    b = graft(tiny_llama, tmp_path / "b", head_from=head)
+    wb = load_weights(b)
+    for name, value in tensors.items():
+        assert wb[name].dtype == torch.float32 and torch.equal(wb[name], value.float())
+    other = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=8
+    )
+    transformers.LlamaForCausalLM(other).save_pretrained(tmp_path / "other")
+    from bastion.errors import ModelStoreError
+
+    with pytest.raises(ModelStoreError, match="does not fit"):
+        graft(tmp_path / "other", tmp_path / "c", head_from=head)
+    with pytest.raises(ModelStoreError, match=r"no model\.mtp_layers\.0"):
+        graft(tiny_llama, tmp_path / "d", head_from=tiny_llama / "model.safetensors")
+
+
 def test_graft_refuses_unknown_families_and_same_folder(tiny_llama: Path, tmp_path: Path) -> None:
     from bastion.engine.mtp.graft import graft, mimo_config
     from bastion.errors import ModelStoreError

@@ -90,3 +90,49 @@ def test_cli_graft(grafted: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["mtp", "graft", str(grafted), str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "again" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_sampled_answers_are_seeded_passes_over_training_prompts_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--samples-per-prompt adds sampled passes (distinct seeds) over the training prompts, never the held-out
+    ones; the generation is cached with its options, and other options regenerate."""
+    from bastion.engine.mtp import train as t
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": f"{split}{i}", "task": "code", "split": split, "messages": [{"role": "user", "content": "x"}]}
+        for split, n in (("train", 3), ("heldout", 2))
+        for i in range(n)
+    ]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    calls: list[list[tuple]] = []
+
+    def fake_runs(_model: Path, runs: list, *, max_tokens: int) -> list:
+        calls.append([([p["id"] for p in ps], temp, seed) for ps, temp, seed in runs])
+        return [[t.Sample(p["id"], p["task"], [1], [2] * max_tokens) for p in ps] for ps, _t, _s in runs]
+
+    seen: dict = {}
+
+    def fake_head(_m: Path, train: list, heldout: list, _o: Path, _opts: object, **kw: object) -> dict:
+        seen.update(train=[s.id for s in train], heldout=[s.id for s in heldout], report=kw["extra_report"])
+        return {}
+
+    monkeypatch.setattr(t, "generate_runs", fake_runs)
+    monkeypatch.setattr(t, "train_head", fake_head)
+    opts = t.TrainOptions(seed=5)
+    t.run_train(tmp_path, prompts, tmp_path / "out", opts, max_tokens=4, samples_per_prompt=2, temperature=0.7)
+    assert calls == [
+        [
+            (["train0", "train1", "train2", "heldout0", "heldout1"], 0.0, 5),
+            (["train0", "train1", "train2"], 0.7, 1005),
+            (["train0", "train1", "train2"], 0.7, 2005),
+        ]
+    ]
+    assert seen["heldout"] == ["heldout:heldout0", "heldout:heldout1"]
+    assert len(seen["train"]) == 9 and "train:train1#s2" in seen["train"]
+    assert seen["report"]["answer_tokens"] == 9 * 4
+    t.run_train(tmp_path, prompts, tmp_path / "out", opts, max_tokens=4, samples_per_prompt=2, temperature=0.7)
+    assert len(calls) == 1  # resumed: the cached answers are reused
+    t.run_train(tmp_path, prompts, tmp_path / "out", opts, max_tokens=4, samples_per_prompt=1, temperature=0.7)
+    assert len(calls) == 2 and len(seen["train"]) == 6  # other options: generated again

@@ -28,12 +28,27 @@ def ints(text: str) -> list[int]:
 def mtp_graft(
     model_dir: Annotated[Path, typer.Argument(help="Llama/Qwen2-family HF folder")],
     out_dir: Annotated[Path, typer.Argument(help="new folder for the MiMo-layout checkpoint")],
-    head: Annotated[Path | None, typer.Option(help="copy the MTP layer of this grafted checkpoint")] = None,
+    head: Annotated[
+        Path | None, typer.Option(help="copy the MTP layer of this grafted checkpoint or head file")
+    ] = None,
 ) -> None:
     """Add one MTP layer (from the last decoder layer, or --head) in the layout vLLM serves with `method: mtp`."""
     from bastion.engine.mtp.graft import graft
 
     out.print(f"grafted: {graft(model_dir, out_dir, head_from=head)}")
+
+
+@mtp_app.command("export-head")
+def mtp_export_head(
+    checkpoint: Annotated[Path, typer.Argument(help="grafted (and trained) checkpoint")],
+    out_file: Annotated[Path, typer.Argument(help="new .safetensors file with only the MTP layer")],
+    dtype: Annotated[str, typer.Option(help="tensor dtype of the file")] = "bfloat16",
+) -> None:
+    """Write only the MTP layer (model.mtp_layers.0.*) to a small file that `graft --head FILE` installs."""
+    from bastion.engine.mtp.graft import export_head
+
+    path = export_head(checkpoint, out_file, dtype)
+    out.print(f"head: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @mtp_app.command("train")
@@ -44,6 +59,10 @@ def mtp_train(
     max_seconds: Annotated[float, typer.Option(help="training time budget")] = 300.0,
     max_steps: Annotated[int, typer.Option(help="training step budget")] = 2000,
     max_tokens: Annotated[int, typer.Option(help="answer tokens generated per prompt")] = 160,
+    samples_per_prompt: Annotated[
+        int, typer.Option(help="sampled answers per training prompt, besides the greedy one")
+    ] = 0,
+    temperature: Annotated[float, typer.Option(help="temperature of the sampled answers (seeded)")] = 0.7,
     limit: Annotated[int | None, typer.Option(help="use only the first N training prompts")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 5e-4,
@@ -67,7 +86,17 @@ def mtp_train(
     )
     progress, update = progress_bar()
     with progress:
-        report = run_train(model_dir, prompts, out_dir, opts, max_tokens=max_tokens, limit=limit, progress=update)
+        report = run_train(
+            model_dir,
+            prompts,
+            out_dir,
+            opts,
+            max_tokens=max_tokens,
+            limit=limit,
+            samples_per_prompt=samples_per_prompt,
+            temperature=temperature,
+            progress=update,
+        )
     out.print(
         f"held-out top-1 agreement {report['heldout_top1_before']:.3f} -> {report['heldout_top1_after']:.3f} "
         f"after {report['steps']} steps; checkpoint {out_dir}"

@@ -129,12 +129,33 @@ def mimo_weights(weights: dict, config: dict) -> dict:
     return out
 
 
-def mtp_layer_of(folder: Path) -> dict:
-    """The MTP layer tensors of a grafted checkpoint (to move a head onto another body)."""
-    layer = {k: v for k, v in load_weights(folder).items() if k.startswith(MTP_PREFIX)}
+def mtp_layer_of(path: Path) -> dict:
+    """The MTP layer tensors of a grafted checkpoint folder, or of a head file (`export_head`), as float32."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(path) if path.is_file() else load_weights(path)
+    layer = {k: v.float() for k, v in weights.items() if k.startswith(MTP_PREFIX)}
     if not layer:
-        raise ModelStoreError(f"{folder} has no {MTP_PREFIX}* weights (graft it first)")
+        raise ModelStoreError(f"{path} has no {MTP_PREFIX}* weights (graft it first)")
     return layer
+
+
+def export_head(checkpoint: Path, out_file: Path, dtype: str = "bfloat16") -> Path:
+    """Write only the MTP layer of a grafted checkpoint to one safetensors file (~8 MB in bfloat16 for 135M).
+
+    A head file is what a repository can ship: `graft --head FILE` installs it on the body it was trained for.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    layer = mtp_layer_of(checkpoint)
+    cast = getattr(torch, dtype)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(cast).contiguous() for k, v in sorted(layer.items())}, out_file, metadata={"format": "pt"})
+    out_file.chmod(0o644)  # safetensors writes 0600; a shipped file must be readable by whoever serves it
+    return out_file
 
 
 def write_checkpoint(src: Path, out: Path, config: dict, weights: dict, extra_files: dict | None = None) -> None:
@@ -162,7 +183,11 @@ def write_checkpoint(src: Path, out: Path, config: dict, weights: dict, extra_fi
 
 
 def graft(model_dir: Path, out_dir: Path, *, head_from: Path | None = None, token_scale: float = 1.0) -> Path:
-    """Write OUT_DIR: MODEL_DIR's body in the MiMo layout plus one MTP layer (fresh, or copied from head_from)."""
+    """Write OUT_DIR: MODEL_DIR's body in the MiMo layout plus one MTP layer.
+
+    The layer is fresh (from the last decoder layer), or copied from head_from: a grafted checkpoint folder or a
+    head file written by `export_head`; its shapes must fit MODEL_DIR.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if model_dir.resolve() == out_dir.resolve():
         raise ModelStoreError("graft writes a new folder: OUT_DIR must differ from MODEL_DIR")

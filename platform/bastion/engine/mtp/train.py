@@ -13,7 +13,6 @@ are saved in `OUT_DIR.train-state/`), CPU or GPU. A held-out split, never traine
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -21,26 +20,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion.engine.mtp.data import (  # noqa: F401  (re-exported: callers import the data helpers from here)
+    Sample,
+    chat_prompt_ids,
+    engine_args,
+    generate_runs,
+    generate_samples,
+    generate_with_engine,
+    load_prompts,
+    make_samples,
+    pick,
+)
 from bastion.engine.mtp.graft import MTP_PREFIX, load_config, load_weights, write_checkpoint
 from bastion.errors import ModelStoreError
 
 Progress = Callable[[str, int, int], None]
 REPORT = "mtp-train-report.json"
 TASKS = ("code", "reasoning", "conversation", "tool_call")
-
-
-@dataclass
-class Sample:
-    """One prompt and the model's own answer, as token ids."""
-
-    id: str
-    task: str
-    prompt_ids: list[int]
-    output_ids: list[int]
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
 
 
 @dataclass
@@ -60,104 +56,6 @@ class TrainOptions:
     # torch intra-op threads (None: torch's default). On a small shared CPU, 1 is often 2-4x faster than
     # 2: OpenMP threads spin-wait for each other when another process (e.g. a vLLM engine) holds a core.
     threads: int | None = None
-
-
-# --- prompts and generation -------------------------------------------------------------------------
-
-
-def load_prompts(path: Path, split: str | None = None) -> list[dict]:
-    """JSONL rows {id, task, split: train|heldout, messages}; `split` filters."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    for row in rows:
-        if not {"id", "task", "split", "messages"} <= row.keys():
-            raise ModelStoreError(f"{path}: prompt {row.get('id')!r} needs id, task, split and messages")
-    return [r for r in rows if split is None or r["split"] == split]
-
-
-def pick(prompts: list[dict], split: str, limit: int | None = None) -> list[dict]:
-    """Up to `limit` prompts of a split, taken round-robin over task types so every type is represented."""
-    by_task: dict[str, list[dict]] = {}
-    for p in prompts:
-        if p["split"] == split:
-            by_task.setdefault(p["task"], []).append(p)
-    out: list[dict] = []
-    for i in range(max((len(v) for v in by_task.values()), default=0)):
-        out += [rows[i] for rows in by_task.values() if i < len(rows)]
-    return out[:limit] if limit is not None else out
-
-
-def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """Token ids of the chat template with the generation prompt, as vLLM's chat endpoint renders them."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-async def generate_with_engine(
-    engine: Any, prompt_ids: list[list[int]], *, max_tokens: int, temperature: float = 0.0, seed: int = 0
-) -> list[list[int]]:
-    """All prompts at once through a running vLLM AsyncLLM (it batches them); returns the output token ids."""
-    from vllm import SamplingParams
-
-    async def one(i: int, ids: list[int]) -> list[int]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
-        final = None
-        async for out in engine.generate({"prompt_token_ids": ids}, params, request_id=f"mtp-gen-{seed}-{i}"):
-            final = out
-        return list(final.outputs[0].token_ids) if final is not None else []
-
-    return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompt_ids))))
-
-
-def engine_args(model_dir: Path, max_model_len: int = 2048, **extra: Any) -> dict[str, Any]:
-    """vLLM arguments for a CPU-friendly float32 engine (eager: ready in ~20 s instead of 60-90 s)."""
-    return {
-        "model": str(model_dir),
-        "dtype": "float32",
-        "enforce_eager": True,
-        "max_model_len": max_model_len,
-        "disable_log_stats": False,
-        **extra,
-    }
-
-
-async def _generate_own_engine(model_dir: Path, prompt_ids: list[list[int]], **kw: Any) -> list[list[int]]:
-    import os
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(model_dir)))
-    try:
-        return await generate_with_engine(engine, prompt_ids, **kw)
-    finally:
-        engine.shutdown()
-
-
-def make_samples(tokenizer: Any, prompts: list[dict], outputs: list[list[int]] | None = None) -> list[Sample]:
-    outputs = outputs or [[] for _ in prompts]
-    return [
-        Sample(p["id"], p["task"], chat_prompt_ids(tokenizer, p["messages"]), out)
-        for p, out in zip(prompts, outputs, strict=True)
-    ]
-
-
-def generate_samples(
-    model_dir: Path, prompts: list[dict], *, max_tokens: int = 160, temperature: float = 0.0, seed: int = 0
-) -> list[Sample]:
-    """The model's own answers to the prompts, from a vLLM engine started (and stopped) for this."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = make_samples(tokenizer, prompts)
-    outputs = asyncio.run(
-        _generate_own_engine(
-            model_dir, [s.prompt_ids for s in samples], max_tokens=max_tokens, temperature=temperature, seed=seed
-        )
-    )
-    for sample, out in zip(samples, outputs, strict=True):
-        sample.output_ids = out
-    return samples
 
 
 # --- target features --------------------------------------------------------------------------------
@@ -430,12 +328,19 @@ def train_head(
     return report
 
 
-def _save_samples(path: Path, samples: list[Sample]) -> None:
-    path.write_text(json.dumps([asdict(s) for s in samples]))
+def _save_samples(path: Path, generation: dict, samples: list[Sample]) -> None:
+    path.write_text(json.dumps({"generation": generation, "samples": [asdict(s) for s in samples]}))
 
 
-def _load_samples(path: Path) -> list[Sample]:
-    return [Sample(**row) for row in json.loads(path.read_text())]
+def _load_samples(path: Path, generation: dict) -> list[Sample] | None:
+    """The cached answers, or None when they were generated with other options (or by an older format)."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("generation") != generation:
+        return None
+    return [Sample(**row) for row in data["samples"]]
+
+
+SAMPLE_SEED_STRIDE = 1000  # sampled pass k uses seeds seed + k·1000 + i: distinct from the greedy pass's seed + i
 
 
 def run_train(
@@ -446,26 +351,46 @@ def run_train(
     *,
     max_tokens: int = 160,
     limit: int | None = None,
+    samples_per_prompt: int = 0,
+    temperature: float = 0.7,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The whole `bastion mtp train`: generate (or reuse the saved generation on resume), then train and write."""
+    """The whole `bastion mtp train`: generate (or reuse the saved generation on resume), then train and write.
+
+    Every prompt gets its greedy answer; with samples_per_prompt N, each *training* prompt also gets N answers
+    sampled at `temperature` (seeded), which multiplies the training data and shows the head sampled text.
+    Held-out prompts only get the greedy answer and are never trained on.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     state_dir = out_dir.with_name(f"{out_dir.name}.train-state")
     state_dir.mkdir(parents=True, exist_ok=True)
     cache = state_dir / "samples.json"
+    generation = {
+        "prompts": str(prompts_file),
+        "max_tokens": max_tokens,
+        "limit": limit,
+        "samples_per_prompt": samples_per_prompt,
+        "temperature": temperature,
+        "seed": opts.seed,
+    }
     t0 = time.perf_counter()
-    if cache.is_file():
-        samples = _load_samples(cache)
-    else:
+    samples = _load_samples(cache, generation) if cache.is_file() else None
+    if samples is None:
         prompts = load_prompts(prompts_file)
         train_p = pick(prompts, "train", limit)
         held_p = pick(prompts, "heldout")
+        runs = [(train_p + held_p, 0.0, opts.seed)]
+        runs += [(train_p, temperature, opts.seed + SAMPLE_SEED_STRIDE * k) for k in range(1, samples_per_prompt + 1)]
         if progress:
-            progress(f"generating {len(train_p) + len(held_p)} answers with vLLM", 0, 1)
-        samples = generate_samples(model_dir, train_p + held_p, max_tokens=max_tokens, seed=opts.seed)
-        for s, p in zip(samples, train_p + held_p, strict=True):
-            s.id = f"{p['split']}:{p['id']}"
-        _save_samples(cache, samples)
+            progress(f"generating {sum(len(r[0]) for r in runs)} answers with vLLM", 0, 1)
+        per_run = generate_runs(model_dir, runs, max_tokens=max_tokens)
+        samples = []
+        for k, (run_samples, (run_prompts, _t, _s)) in enumerate(zip(per_run, runs, strict=True)):
+            for s, p in zip(run_samples, run_prompts, strict=True):
+                s.id = f"{p['split']}:{p['id']}" + (f"#s{k}" if k else "")
+                if s.output_ids:
+                    samples.append(s)
+        _save_samples(cache, generation, samples)
     generation_s = time.perf_counter() - t0
     train = [s for s in samples if s.id.startswith("train:")]
     heldout = [s for s in samples if s.id.startswith("heldout:")]
@@ -476,6 +401,11 @@ def run_train(
         out_dir,
         opts,
         progress=progress,
-        extra_report={"generation_seconds": round(generation_s, 1), "prompts": str(prompts_file)},
+        extra_report={
+            "generation_seconds": round(generation_s, 1),
+            "prompts": str(prompts_file),
+            "generation": generation,
+            "answer_tokens": sum(len(s.output_ids) for s in train),
+        },
     )
     return report
