@@ -39,7 +39,12 @@ def test_profiles_map_to_vllm_speculative_config(tmp_path: Path) -> None:
     _fake_model(tmp_path, num_nextn_predict_layers=1)  # what `models prepare` builds: the shipped head grafted
     config = _config(tmp_path)
     fast, deep = (engine_spec(config, d) for d in sorted(config.deployments, key=lambda d: d.profile != "fast-agentic"))
-    assert fast.engine_kwargs["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
+    assert fast.engine_kwargs["speculative_config"] == {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_max": 4,
+        "prompt_lookup_min": 1,
+    }
     assert fast.engine_kwargs["per_request_spec_decode_metrics"] == "summary"
     assert fast.max_model_len == 1024  # the profile's max_context caps the model's 2048
     assert "speculative_config" not in deep.engine_kwargs
@@ -78,13 +83,6 @@ def test_replica_preflight_refuses_mtp_without_layers(tmp_path: Path) -> None:
     replica = EngineReplica(spec.__class__(**{**spec.__dict__, "verify_manifest": False}))
     with pytest.raises(EngineConfigError, match="no MTP layers"):
         replica.preflight()
-
-
-def test_ngram_profile_maps_to_vllm_speculative_config(tmp_path: Path) -> None:
-    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
-    config = _config(tmp_path, fast_agentic={"speculative": ngram})
-    dep = next(d for d in config.deployments if d.profile == "fast-agentic")
-    assert engine_spec(config, dep).engine_kwargs["speculative_config"] == {**ngram, "prompt_lookup_min": 1}
 
 
 def test_engine_args_from_profile_override_defaults(tmp_path: Path) -> None:
