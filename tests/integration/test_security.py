@@ -18,6 +18,7 @@ from apitest_support import GENEROUS, h
 from bastion.config.schema import PlatformConfig
 from bastion.control.app import create_app as create_control_app
 from bastion.db import migrate
+from bastion.errors import ConfigError
 from bastion.gateway.openapi import document
 from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 
@@ -111,6 +112,21 @@ async def test_gateway_metrics_are_for_prometheus_only(tmp_path: Path, pg: str) 
         token = tmp_path / "pool_stats_token"  # the internal token by default (telemetry.metrics_token_file)
         assert len(token.read_text().strip()) >= 32 and token.stat().st_mode & 0o077 == 0
         assert f'tenant="{tenant_id}"' in await stack.scrape()
+
+
+async def test_a_configured_metrics_token_file_is_the_one_prometheus_sends(tmp_path: Path, pg: str) -> None:
+    token_file = tmp_path / "prometheus-token"
+    token_file.write_text("p" * 40 + "\n")
+    data = platform_config(str(tmp_path), pg, ["m1"]).model_dump(mode="json", exclude_unset=True)
+    data["telemetry"] = {"metrics_token_file": str(token_file)}
+    async with gateway_stack(PlatformConfig.model_validate(data), ScriptedEngine(upstreams_for(["m1"]))) as stack:
+        assert not (tmp_path / "pool_stats_token").exists()  # the configured file replaces the internal token
+        assert (await stack.client.get("/metrics", headers=_bearer("q" * 40))).status_code == 404
+        assert (await stack.client.get("/metrics", headers=_bearer("p" * 40))).status_code == 200
+    token_file.write_text("short")
+    with pytest.raises(ConfigError, match=r"telemetry\.metrics_token_file: .* fewer than 32"):
+        async with gateway_stack(PlatformConfig.model_validate(data), ScriptedEngine(upstreams_for(["m1"]))):
+            pass
 
 
 def _bearer(token: str) -> dict[str, str]:

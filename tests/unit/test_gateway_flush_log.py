@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,7 +30,7 @@ async def test_a_failing_flush_is_logged_once_a_minute(
 
     monkeypatch.setattr(gateway.usage, "flush", flush)
     clock = [1000.0]
-    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # this module's clock only
     caplog.set_level(logging.WARNING, logger="bastion.gateway")
     for _ in range(30):  # 30 s of one-second retries
         await gateway.flush()

@@ -15,16 +15,21 @@ from bastion.errors import ConfigError
 MIN_TOKEN_CHARS = 32
 
 
+def read_token(path: Path, setting: str) -> str:
+    """The token in a configured file: at least MIN_TOKEN_CHARS; errors name `setting`."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror})") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{setting}: {path} holds fewer than {MIN_TOKEN_CHARS} chars")
+    return token
+
+
 def read_or_create(configured: Path | None, setting: str, default: Path) -> str:
-    """The token in `configured` (at least MIN_TOKEN_CHARS; errors name `setting`), else in `default`, made once."""
+    """The token in `configured` (`read_token`), else in `default`, made once with mode 0600."""
     if configured is not None:
-        try:
-            token = Path(configured).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{setting}: cannot read {configured} ({exc.strerror})") from None
-        if len(token) < MIN_TOKEN_CHARS:
-            raise ConfigError(f"{setting}: {configured} holds fewer than {MIN_TOKEN_CHARS} chars")
-        return token
+        return read_token(configured, setting)
     default.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(default, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -12,7 +12,6 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.config.schema import PlatformConfig
-from bastion.config.token_files import bearer_matches, read_or_create
+from bastion.config.token_files import bearer_matches, read_token
 from bastion.db.session import create_engine, session_factory
 from bastion.gateway import openapi, policy
 from bastion.gateway.errors import ApiError
@@ -78,7 +77,7 @@ def metrics_token_of(config: PlatformConfig) -> str:
     configured = config.telemetry.metrics_token_file
     if configured is None:
         return load_token(config)
-    return read_or_create(configured, "telemetry.metrics_token_file", Path(configured))
+    return read_token(configured, "telemetry.metrics_token_file")
 
 
 def add_inference_routes(app: FastAPI, chat: Handler, completions: Handler) -> None:
@@ -201,9 +200,7 @@ def create_app(
 
     # Metrics name tenants and their usage: only Prometheus, with its own token, may read them (tenants' API
     # keys reach this port); anyone else gets the 404 of an unknown path.
-    metrics_token = metrics_token_of(config)
-
-    app.state.metrics_token = metrics_token  # tests scrape in process
+    metrics_token = app.state.metrics_token = metrics_token_of(config)  # state: tests scrape in process
 
     def scraper(request: Request) -> bool:
         return bearer_matches(metrics_token, request.headers.get("authorization"))
