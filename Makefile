@@ -31,7 +31,8 @@ run: $(STAMP)
 	$(BIN)/bastion run --config deploy/local/bastion.yaml
 
 test: $(STAMP) tools
-	$(BIN)/python -m pytest tests --cov=platform/bastion --cov-report=term:skip-covered
+	@start=$$(date +%s); $(BIN)/python -m pytest tests --durations=15 --cov=platform/bastion --cov-report=term:skip-covered; rc=$$?; \
+	  echo "make test: whole run $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
 test-fast: $(STAMP) tools
 	$(BIN)/python -m pytest tests -m "not slow"

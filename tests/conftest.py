@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,45 @@ def _secret_scan_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.getbasetemp()
     secret_scan.install(base / "session-logs")
     secret_scan.register_log_dir(base)
+
+
+def _time_limit(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and (marker.args or "timeout" in marker.kwargs):
+        return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
+    return float(item.config.getini("timeout") or 0)
+
+
+@contextmanager
+def _watched(item: pytest.Item, phase: str):
+    """pytest-timeout limits setup, call and teardown each; the watchdog dumps every thread's and asyncio task's
+    stack just before that limit, and ends the run if the limit cannot interrupt the phase (hang_watchdog.py)."""
+    import hang_watchdog
+
+    limit = _time_limit(item)
+    if limit <= 0:
+        yield
+        return
+    with hang_watchdog.watching(f"{item.nodeid} ({phase})", limit):
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _watched(item, "setup"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _watched(item, "call"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    with _watched(item, "teardown"):
+        return (yield)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
