@@ -137,18 +137,9 @@ def ray_cluster() -> Iterator[None]:
     import ray
     from ray import serve
 
-    # "local": always a fresh cluster of our own, never one another process left running on this machine.
-    from bastion.serve import loopback
+    from bastion.serve.loopback import start_local_ray
 
-    ray.init(
-        address="local",
-        num_cpus=6,
-        include_dashboard=False,
-        namespace="bastion-tests",
-        log_to_driver=False,
-        runtime_env=loopback.runtime_env(),
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    start_local_ray(SERVE_PORT, namespace="bastion-tests", num_cpus=6, log_to_driver=False)
     try:  # Ray's session logs (every worker and replica) are scanned for secrets at the end
         import secret_scan
 

@@ -17,7 +17,7 @@ import secret_scan
 sys.path.insert(0, str(Path(__file__).resolve().parent / "oidc"))
 import idp_harness as h
 
-from bastion.gateway.testing import TEST_PEPPER
+from bastion.bench.doubles import TEST_PEPPER
 from bastion.tenancy import keys
 
 # Fixed secrets of the test harness: the provider's client secret, the users' password, the key pepper.

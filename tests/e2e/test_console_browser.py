@@ -17,9 +17,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oidc"))
 import idp_harness as h
 
+from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, upstreams_for
 from bastion.control.app import create_app
 from bastion.gateway.app import create_app as create_gateway
-from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, upstreams_for
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

@@ -113,10 +113,10 @@ class GatewayThread:
         import uvicorn
 
         from bastion.audit.service import build_writer
+        from bastion.bench.doubles import ScriptedEngine
         from bastion.gateway.app import create_app
         from bastion.gateway.audit_recorder import AuditRecorder
         from bastion.gateway.external import ExternalEngineClient
-        from bastion.gateway.testing import ScriptedEngine
         from bastion.gateway.upstream import UpstreamInfo
         from bastion.gateway.upstreams import CombinedEngineClient
 
@@ -292,7 +292,7 @@ def test_upstream_errors_reach_the_tenant_in_openai_format_without_internals(pla
 
 
 def test_killed_upstream_is_ejected_requests_fail_over_and_it_comes_back(platform: Platform) -> None:
-    from bastion.gateway.testing import until
+    from bastion.bench.doubles import until
 
     client = platform.client()
     served: list[str] = []

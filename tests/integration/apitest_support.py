@@ -16,9 +16,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oidc"))
 import idp_harness as h
 
+from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, platform_config, upstreams_for
 from bastion.config.schema import LimitsConfig
 from bastion.db import migrate
-from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, platform_config, upstreams_for
 from secret_scan import register_secret
 from testbed import PG_ADMIN_DSN, pg_exec
 

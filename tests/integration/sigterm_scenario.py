@@ -27,10 +27,10 @@ DELAY_S = 0.2  # a 6-second stream: long enough to be in flight when SIGTERM arr
 def main() -> None:
     from ray import serve
 
-    from bastion.bench.load import start_ray
     from bastion.bench.scripted import scripted_gateway_app, scripted_platform_file
     from bastion.config import load_config
     from bastion.db import migrate
+    from bastion.serve.loopback import start_local_ray
     from bastion.serve.runner import bootstrap_tenant, wait_forever
 
     port = int(sys.argv[1])
@@ -41,7 +41,7 @@ def main() -> None:
     config = load_config(path)
     migrate.upgrade(config.database.url)
     token = asyncio.run(bootstrap_tenant(config))
-    start_ray(port, num_cpus=2)
+    start_local_ray(port, namespace="bastion-bench", num_cpus=2, log_to_driver=False)
     app = scripted_gateway_app(str(path), replicas=2, words=WORDS, token_delay_s=DELAY_S)
     serve.run(app, name="bastion", route_prefix="/")
     print(f"READY {token}", flush=True)

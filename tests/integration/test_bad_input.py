@@ -13,8 +13,8 @@ import httpx
 import pytest
 from apitest_support import Gateway, flush_redis, fresh_pg, h, served_gateway, tenant_with_key
 
+from bastion.bench.doubles import ScriptedEngine, gateway_stack, platform_config, upstreams_for
 from bastion.control.app import create_app as create_control_app
-from bastion.gateway.testing import ScriptedEngine, gateway_stack, platform_config, upstreams_for
 
 pytestmark = pytest.mark.integration
 LIMIT = 4096

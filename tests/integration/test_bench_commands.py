@@ -8,8 +8,8 @@ import re
 import pytest
 from typer.testing import CliRunner
 
+from bastion.bench.gateway_http import find_litellm
 from bastion.cli import app
-from bastion.gateway.bench_http import find_litellm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def test_server_cpu_is_read_from_the_process_and_its_children() -> None:
     import sys
     import time
 
-    from bastion.gateway.bench import _cpu_seconds
+    from bastion.bench.gateway import _cpu_seconds
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
     command = f"{shlex.quote(sys.executable)} -c {shlex.quote(burn)}"

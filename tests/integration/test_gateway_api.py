@@ -14,9 +14,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 from bastion.db import migrate
 from bastion.db.models import utcnow
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 
 pytestmark = pytest.mark.integration
 SPEC = {"num_draft_tokens": 12, "num_accepted_draft_tokens": 9, "draft_acceptance_rate": 0.75, "num_spec_steps": 4}

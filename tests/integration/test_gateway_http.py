@@ -14,9 +14,9 @@ import httpx
 import pytest
 import uvicorn
 
+from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 from bastion.config.schema import LimitsConfig
 from bastion.db import migrate
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 from bastion.config.schema import LimitsConfig
 from bastion.db import migrate
 from bastion.db.models import KeyUsageCounter
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 
 pytestmark = pytest.mark.integration
 MSG = {"role": "user", "content": "one two three four five six seven eight nine ten"}  # 13 prompt tokens

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 from bastion.db import migrate
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 from bastion.tenancy.usage import RequestRecord
 
 pytestmark = pytest.mark.integration

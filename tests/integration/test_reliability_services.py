@@ -23,11 +23,11 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, gateway_stack, platform_config, until, upstreams_for
 from bastion.config.schema import LimitsConfig, RedisConfig
 from bastion.db import migrate
 from bastion.db.models import AuditEvent
 from bastion.db.session import create_engine, session_factory
-from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, gateway_stack, platform_config, until, upstreams_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REDIS_PORT = 18240

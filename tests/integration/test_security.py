@@ -15,12 +15,12 @@ import httpx
 import pytest
 from apitest_support import GENEROUS, h
 
+from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 from bastion.config.schema import PlatformConfig
 from bastion.control.app import create_app as create_control_app
 from bastion.db import migrate
 from bastion.errors import ConfigError
 from bastion.gateway.openapi import document
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 
 pytestmark = pytest.mark.integration
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from external_fake import FakeUpstream
 
+from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, until
 from bastion.config.external import ExternalReplicaConfig
 from bastion.db import migrate
 from bastion.gateway.external import ExternalEngineClient
-from bastion.gateway.testing import ScriptedEngine, Stack, gateway_stack, platform_config, until
 from bastion.gateway.upstream import UpstreamInfo, UpstreamUnavailable
 from bastion.gateway.upstreams import CombinedEngineClient
 

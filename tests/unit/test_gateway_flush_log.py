@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, platform_config, upstreams_for
 from bastion.gateway import service
 from bastion.gateway.app import create_app
-from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, platform_config, upstreams_for
 
 pytestmark = pytest.mark.unit
 

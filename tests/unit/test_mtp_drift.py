@@ -111,8 +111,8 @@ def test_replica_without_baseline_exports_live_only_and_no_alert(tmp_path: Path)
 
 
 def test_engine_spec_carries_the_configured_margin(tmp_path: Path) -> None:
+    from bastion.bench.doubles import platform_config
     from bastion.engine.spec import engine_spec
-    from bastion.gateway.testing import platform_config
 
     config = platform_config(str(tmp_path), "sqlite+aiosqlite:///x.db", ["m"])
     config = config.model_copy(

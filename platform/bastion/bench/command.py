@@ -102,7 +102,7 @@ def bench_gateway(
     and the LiteLLM proxy in front of the same engine when it is installed."""
     import json
 
-    from bastion.gateway.bench import markdown, run_gateway_bench
+    from bastion.bench.gateway import markdown, run_gateway_bench
 
     if engine not in ("http", "inprocess"):
         raise typer.BadParameter("--engine is http or inprocess")
@@ -132,7 +132,7 @@ def bench_audit(
     import asyncio
     import json
 
-    from bastion.audit.bench import bench_audit as run
+    from bastion.bench.audit import bench_audit as run
     from bastion.db import migrate
 
     migrate.upgrade(database_url)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.config.schema import PlatformConfig
-from bastion.engine.measure import timed_chat
+from bastion.engine.mtp.acceptance import timed_chat
 from bastion.engine.replica import EngineReplica
 from bastion.engine.spec import engine_spec
 from bastion.engine.speculation import SpeculationStats

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 import uuid
@@ -25,6 +24,7 @@ import psutil
 import yaml
 
 from bastion.config import load_config
+from bastion.serve.loopback import start_local_ray
 
 APP = "bench-load"
 
@@ -396,27 +396,6 @@ def real_phase(
     )
 
 
-def start_ray(port: int, num_cpus: int | None = None) -> None:
-    """A fresh local Ray and Serve on 127.0.0.1 only, as `bastion run` starts them."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
-    from bastion.serve import loopback
-
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        namespace="bastion-bench",
-        log_to_driver=False,
-        runtime_env=loopback.runtime_env(),
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-
 def run_load(
     run_dir: Path,
     config_path: Path | None,
@@ -437,7 +416,8 @@ def run_load(
     run_dir.mkdir(parents=True, exist_ok=True)
     base_url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
     if start:  # as many CPUs as the platform file gives Ray (the real engines ask for theirs)
-        start_ray(port, load_config(config_path).ray.num_cpus if config_path is not None else None)
+        num_cpus = load_config(config_path).ray.num_cpus if config_path is not None else None
+        start_local_ray(port, namespace="bastion-bench", num_cpus=num_cpus, log_to_driver=False)
     try:
         reports = [
             scripted_phase(

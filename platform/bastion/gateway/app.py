@@ -2,7 +2,8 @@
 
 Wiring (serve/): pass the platform config and an EngineClient; optionally a session factory (else one is made
 from config.database.url), a Redis URL (else config.redis.url; None means in-process limits), and recorders
-such as the audit writer. `policy=False` builds a bare relay of the same engine (benchmarks only).
+such as the audit writer. `policy_enabled=False` mounts no inference routes: the benchmark's bare relay
+(`bench/bare.py`) mounts its own on that app, so the gateway never imports a benchmark.
 """
 
 from __future__ import annotations
@@ -222,9 +223,6 @@ def create_app(
             return Response(telemetry_metrics.merge_expositions(parts), media_type=telemetry_metrics.CONTENT_TYPE)
 
     if not policy_enabled:
-        from bastion.gateway.bare import add_bare_routes
-
-        add_bare_routes(app, engine_client)
         return app
 
     async def chat(request: Request) -> Response:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -35,23 +34,17 @@ def prepare_models(config: PlatformConfig, progress: Callable[[str, int, int], N
 
 def start_ray(config: PlatformConfig) -> None:
     """A local Ray bound to 127.0.0.1 (embedded default), or a connection to `ray.address`."""
+    from bastion.serve import loopback
+
     if config.ray.address is None:
-        # Must be set before Ray starts: every Ray process then binds and talks on loopback only.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        loopback.start_local_ray(
+            config.gateway.port, namespace="bastion", num_cpus=config.ray.num_cpus, host=config.gateway.host
+        )
+        return
     import ray
     from ray import serve
 
-    from bastion.serve import loopback
-
-    ray.init(
-        address=config.ray.address or "local",  # "local": a new cluster, never one left running by someone else
-        num_cpus=config.ray.num_cpus if config.ray.address is None else None,
-        include_dashboard=False,
-        namespace="bastion",
-        runtime_env=loopback.runtime_env() if config.ray.address is None else None,
-    )
+    ray.init(address=config.ray.address, include_dashboard=False, namespace="bastion")
     serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
 
 

@@ -16,13 +16,43 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bastion.engine.measure import timed_chat
 from bastion.engine.mtp.train import TASKS, load_prompts
 from bastion.engine.speculation import SpeculationStats
 
+if TYPE_CHECKING:
+    from bastion.engine.replica import EngineReplica
+
 Progress = Callable[[str, int, int], None]
+
+
+async def timed_chat(replica: EngineReplica, body: dict[str, Any]) -> tuple[int, float, SpeculationStats | None]:
+    """Decode speed of one streamed chat request, measured the same way here and by `bench engine`:
+    (completion tokens, seconds from the first to the last content token, speculation stats or None).
+
+    Prefill is excluded: the clock starts at the first token. Usage is always requested, so the final chunk
+    carries the token count and the request's speculation figures.
+    """
+    body = {**body, "stream_options": {"include_usage": True}}
+    first = last = None
+    final: dict[str, Any] = {}
+    async for text in replica.stream("chat", body):
+        now = time.perf_counter()
+        for block in text.split("\n\n"):
+            if not block.startswith("data: {"):
+                continue
+            event = json.loads(block[6:])
+            if "error" in event:
+                raise RuntimeError(f"engine error: {event['error'].get('message')}")
+            if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                first = first or now
+                last = now
+            if event.get("usage"):
+                final = event
+    tokens = final["usage"]["completion_tokens"]
+    spec = SpeculationStats.from_response_metrics((final.get("metrics") or {}).get("speculative_decoding"))
+    return tokens, (last - first) if first and last else 0.0, spec
 
 
 @dataclass

@@ -1,14 +1,17 @@
 """A bare relay of the same engine client: no auth, limits, routing or usage. Only for measuring the gateway's
-own overhead (`bench.py`) — never serve this."""
+own overhead (`bench/gateway.py`) — never serve this. Built on the gateway's own app (`policy_enabled=False`:
+middleware, error handlers, /metrics) so only the policy differs."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from bastion.gateway.app import add_inference_routes
+from bastion.config.schema import PlatformConfig
+from bastion.gateway.app import add_inference_routes, create_app
 from bastion.gateway.relay import upstream_body
 from bastion.gateway.upstream import Endpoint, EngineClient
 
@@ -30,3 +33,10 @@ def add_bare_routes(app: FastAPI, engine: EngineClient) -> None:
         return await relay(request, "completion")
 
     add_inference_routes(app, chat, completions)  # mounted as the policy app's are, so only the policy differs
+
+
+def bare_app(config: PlatformConfig, engine: EngineClient, **options: Any) -> FastAPI:
+    """The gateway app without its policy: `create_app(policy_enabled=False)` plus the bare relay routes."""
+    app = create_app(config, engine, policy_enabled=False, **options)
+    add_bare_routes(app, engine)
+    return app

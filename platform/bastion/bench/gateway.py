@@ -3,7 +3,7 @@ recorder hand-off) and a bare relay of the same app code and the same scripted e
 on 127.0.0.1 in its own process, driven by one client in the same run; p50/p99 latency, the difference
 (added latency) and throughput at each concurrency. Bounded: each level stops after `seconds_per_level`.
 
-By default the scripted engine is its own HTTP server (`bench_http.py`), so the gateway's engine hop is a real
+By default the scripted engine is its own HTTP server (`gateway_http.py`), so the gateway's engine hop is a real
 network hop and the LiteLLM proxy, when installed, stands in front of the same server in the same run.
 `engine="inprocess"` keeps the engine inside each gateway process (the gateway's own CPU, no engine hop).
 """
@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 
 def _config(data_dir: str, database_url: str, redis_url: str | None):
-    from bastion.gateway.testing import platform_config
+    from bastion.bench.doubles import platform_config
 
     return platform_config(data_dir, database_url, [MODEL], redis_url=redis_url)
 
@@ -54,9 +54,10 @@ def serve(
     """Run one app (policy, bare, or the scripted engine's own server) under uvicorn until killed."""
     import uvicorn
 
+    from bastion.bench.bare import bare_app
+    from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, upstreams_for
+    from bastion.bench.gateway_http import HttpEngine, engine_app
     from bastion.gateway.app import create_app
-    from bastion.gateway.bench_http import HttpEngine, engine_app
-    from bastion.gateway.testing import TEST_PEPPER, ScriptedEngine, upstreams_for
 
     if mode == "engine":
         uvicorn.run(
@@ -72,16 +73,15 @@ def serve(
         if engine_url
         else ScriptedEngine(upstreams_for([MODEL], ongoing=10_000), record_bodies=False, delay_s=engine_delay_ms / 1000)
     )
-    app = create_app(
-        _config(data_dir, database_url, redis_url), engine, pepper=TEST_PEPPER, policy_enabled=mode == "policy"
-    )
+    build = create_app if mode == "policy" else bare_app
+    app = build(_config(data_dir, database_url, redis_url), engine, pepper=TEST_PEPPER)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 async def _setup(data_dir: str, database_url: str) -> str:
+    from bastion.bench.doubles import TEST_PEPPER
     from bastion.config.schema import LimitsConfig
     from bastion.db.session import create_engine, session_factory
-    from bastion.gateway.testing import TEST_PEPPER
     from bastion.tenancy.apikeys import KeyService
     from bastion.tenancy.tenants import TenantService
 
@@ -212,7 +212,7 @@ def _spawn(
     engine_url: str | None,
     engine_delay_ms: float = 0.0,
 ):
-    args = [sys.executable, "-m", "bastion.gateway.bench", "--serve", mode, "--port", str(port)]
+    args = [sys.executable, "-m", "bastion.bench.gateway", "--serve", mode, "--port", str(port)]
     args += ["--engine-delay-ms", str(engine_delay_ms)]
     args += ["--data-dir", data_dir, "--database-url", database_url]
     if redis_url:
@@ -258,8 +258,8 @@ def run_gateway_bench(
     request); a real engine's tens of milliseconds leave it room, so the added latency is the gateway's own
     work rather than the queue of a CPU-bound closed loop.
     """
+    from bastion.bench.gateway_http import LITELLM_KEY, find_litellm, start_litellm
     from bastion.db import migrate
-    from bastion.gateway.bench_http import LITELLM_KEY, find_litellm, start_litellm
 
     litellm_bin = find_litellm(litellm) if engine == "http" and with_litellm else None
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as data_dir:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from bastion.gateway.testing import ScriptedEngine, count_words, upstreams_for
+from bastion.bench.doubles import ScriptedEngine, count_words, upstreams_for
 from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse
 
 LITELLM_KEY = "sk-bench-litellm-master"  # a throwaway master key for the bench's own LiteLLM process
