@@ -148,7 +148,7 @@ def models_prepare(config: ConfigOption = None) -> None:
 @models_app.command("manifest")
 def models_manifest(folder: Annotated[Path, typer.Argument(help="model folder")]) -> None:
     """Write the sha256 manifest of a model folder you trust (replicas verify it at start)."""
-    from bastion.engine.model_store import write_manifest
+    from bastion.engine.manifest import write_manifest
 
     manifest = write_manifest(folder)
     out.print(f"{len(manifest['files'])} files hashed into {folder}")
@@ -157,7 +157,7 @@ def models_manifest(folder: Annotated[Path, typer.Argument(help="model folder")]
 @models_app.command("verify")
 def models_verify(folder: Annotated[Path, typer.Argument(help="model folder")]) -> None:
     """Check a model folder against its manifest."""
-    from bastion.engine.model_store import verify_manifest
+    from bastion.engine.manifest import verify_manifest
 
     verify_manifest(folder)
     out.print("ok")

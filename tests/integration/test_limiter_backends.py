@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from bastion.config.schema import LimitsConfig
-from bastion.tenancy.limits import Limiter, LimitExceeded, Subject
+from bastion.tenancy.limiter import Limiter
+from bastion.tenancy.limiter_plan import LimitExceeded, Subject
 
 pytestmark = pytest.mark.integration
 

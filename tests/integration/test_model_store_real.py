@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.engine.model_store import MANIFEST, prepare_bundled, verify_manifest
+from bastion.engine.manifest import MANIFEST, verify_manifest
+from bastion.engine.model_store import prepare_bundled
 from bastion.engine.replica import EngineReplica
 from bastion.engine.spec import EngineSpec
 from bastion.errors import ModelStoreError

@@ -20,7 +20,7 @@ from bastion.tenancy import keys
 from bastion.tenancy.apikeys import KeyService
 from bastion.tenancy.authn import Authenticator, AuthFailure
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker, day_period, month_period
-from bastion.tenancy.limits import Subject
+from bastion.tenancy.limiter_plan import Subject
 from bastion.tenancy.tenants import TenancyError, TenantService
 from bastion.tenancy.usage import RequestRecord, SpeculationStats, UsageRecorder, usage_for_tenant
 

@@ -10,7 +10,7 @@ from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
 from bastion.gateway.relay import StreamTally, inspect_chunk, inspect_event, split_events, upstream_body, usage_of
 from bastion.gateway.service import first_event_error
-from bastion.tenancy.limits import RateHeaders, WindowState
+from bastion.tenancy.limiter_plan import RateHeaders, WindowState
 from bastion.tenancy.usage import SpeculationStats
 
 pytestmark = pytest.mark.unit

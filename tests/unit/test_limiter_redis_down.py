@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bastion.config.schema import LimitsConfig
-from bastion.tenancy.limits import Limiter, LimitExceeded, RedisUnavailable, Subject
+from bastion.tenancy.limiter import Limiter
+from bastion.tenancy.limiter_plan import LimitExceeded, RedisUnavailable, Subject
 
 pytestmark = pytest.mark.unit
 NOWHERE = "redis://127.0.0.1:18243/0"  # nothing listens here: connections are refused at once

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from bastion.config.schema import ModelConfig
-from bastion.engine.model_store import MANIFEST, model_path, verify_manifest, write_manifest
+from bastion.engine.manifest import MANIFEST, verify_manifest, write_manifest
+from bastion.engine.model_store import model_path
 from bastion.errors import ModelStoreError
 
 pytestmark = pytest.mark.unit
@@ -85,7 +86,8 @@ def fake_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from bastion.engine import model_store
-    from bastion.engine.model_store import BUNDLED, BundledModel, _sha256
+    from bastion.engine.manifest import sha256_file
+    from bastion.engine.model_store import BUNDLED, BundledModel
     from bastion.engine.mtp.graft import export_head, graft
 
     config = transformers.LlamaConfig(
@@ -109,7 +111,7 @@ def fake_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         gguf_file="tiny.gguf",
         tokenizer_repo_name="tiny",
         mtp_head="tiny/head.safetensors",
-        mtp_head_sha256=_sha256(heads / "tiny" / "head.safetensors"),
+        mtp_head_sha256=sha256_file(heads / "tiny" / "head.safetensors"),
     )
     monkeypatch.setitem(BUNDLED, "tiny", spec)
     monkeypatch.setattr(model_store, "_bundled_gguf", lambda _spec: tmp_path / "tiny.gguf")

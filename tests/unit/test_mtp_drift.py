@@ -52,7 +52,7 @@ def test_monitor_judges_the_recent_window_not_the_lifetime_totals() -> None:
 
 
 def test_baseline_round_trip_keeps_the_manifest_valid(tmp_path: Path) -> None:
-    from bastion.engine.model_store import verify_manifest, write_manifest
+    from bastion.engine.manifest import verify_manifest, write_manifest
 
     (tmp_path / "config.json").write_text("{}")
     write_manifest(tmp_path)

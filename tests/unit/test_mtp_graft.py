@@ -40,7 +40,7 @@ def _weights(folder: Path) -> dict:
 
 
 def test_graft_writes_the_mimo_layout(tiny_llama: Path, tmp_path: Path) -> None:
-    from bastion.engine.model_store import verify_manifest
+    from bastion.engine.manifest import verify_manifest
     from bastion.engine.mtp.graft import graft, mtp_weight_names
     from bastion.engine.spec import mtp_layers
 

@@ -70,7 +70,7 @@ def test_training_is_deterministic_and_resumable(grafted: Path, tmp_path: Path) 
 
 
 def test_train_head_writes_checkpoint_report_and_improves_agreement(grafted: Path, tmp_path: Path) -> None:
-    from bastion.engine.model_store import verify_manifest
+    from bastion.engine.manifest import verify_manifest
     from bastion.engine.mtp.train import REPORT, TrainOptions, train_head
 
     samples = _samples()

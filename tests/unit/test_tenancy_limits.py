@@ -8,7 +8,8 @@ import pytest
 
 from bastion.config.schema import LimitsConfig
 from bastion.tenancy.budgets import month_period, seconds_until_next_day, seconds_until_next_month
-from bastion.tenancy.limits import Limiter, LimitExceeded, Subject
+from bastion.tenancy.limiter import Limiter
+from bastion.tenancy.limiter_plan import LimitExceeded, Subject
 
 pytestmark = pytest.mark.unit
 

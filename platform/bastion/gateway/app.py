@@ -37,7 +37,7 @@ from bastion.tenancy import keys
 from bastion.tenancy.auth_failures import AuthFailureGuard
 from bastion.tenancy.authn import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
-from bastion.tenancy.limits import Limiter
+from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.usage import RequestRecorder, UsageRecorder, usage_for_tenant
 
 log = logging.getLogger("bastion.gateway")

@@ -23,7 +23,8 @@ from bastion.routing.profiles import RoutingDecision
 from bastion.tenancy import keys
 from bastion.tenancy.authn import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
-from bastion.tenancy.limits import Admission, Limiter, LimitExceeded, RateHeaders, RedisUnavailable, Subject
+from bastion.tenancy.limiter import Limiter
+from bastion.tenancy.limiter_plan import Admission, LimitExceeded, RateHeaders, RedisUnavailable, Subject
 from bastion.tenancy.usage import SpeculationStats
 
 PROFILE_HEADER = "x-bastion-profile"

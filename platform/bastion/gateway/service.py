@@ -29,7 +29,7 @@ from bastion.telemetry.tracing import GatewayTracing, RequestTrace, activated
 from bastion.tenancy.authn import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.invalidation import InvalidationListener
-from bastion.tenancy.limits import Limiter
+from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.usage import RequestRecord, RequestRecorder, UsageRecorder
 
 log = logging.getLogger("bastion.gateway")

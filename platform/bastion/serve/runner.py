@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bastion.config.schema import PlatformConfig
-from bastion.engine.model_store import BUNDLED, model_path, prepare_bundled, verify_manifest
+from bastion.engine.manifest import verify_manifest
+from bastion.engine.model_store import BUNDLED, model_path, prepare_bundled
 from bastion.errors import BastionError
 from bastion.pool import placement
 from bastion.pool.catalog import gpu_classes

@@ -60,7 +60,7 @@ class TenantLabels:
 
 
 class LimiterSource(Protocol):
-    """What the state collector reads from the limiter (tenancy.limits.Limiter)."""
+    """What the state collector reads from the limiter (tenancy.limiter.Limiter)."""
 
     redis_down: bool
     fallback_admissions: int

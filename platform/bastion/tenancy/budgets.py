@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import KeyUsageCounter, UsageCounter
-from bastion.tenancy.limits import REDIS_DOWN, Subject
+from bastion.tenancy.limiter_plan import REDIS_DOWN, Subject
 
 _PREFIX = "bastion:budget:"
 

@@ -45,7 +45,7 @@ def read_baselines(folder: Path) -> dict[str, Baseline]:
 
 def write_baseline(folder: Path, profile: str, stats: SpeculationStats, source: str = "") -> Baseline:
     """Store (or replace) one profile's baseline; the manifest is rewritten so the folder still verifies."""
-    from bastion.engine.model_store import MANIFEST, write_manifest
+    from bastion.engine.manifest import MANIFEST, write_manifest
 
     if stats.acceptance_rate is None:
         raise ValueError("cannot store a baseline without drafted tokens")

@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bastion.engine.model_store import MANIFEST, write_manifest
+from bastion.engine.manifest import MANIFEST, write_manifest
 from bastion.errors import ModelStoreError
 
 MTP_PREFIX = "model.mtp_layers.0."

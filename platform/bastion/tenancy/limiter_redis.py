@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 
 if TYPE_CHECKING:
-    from bastion.tenancy.limits import Plan
+    from bastion.tenancy.limiter_plan import Plan
 
 KEY_PREFIX = "bastion:rl:"
 
