@@ -2,7 +2,7 @@
 written to one file, and `tests/test_secret_scan.py` (moved to the very end of the run by conftest) looks for
 each secret in that file, in Ray's session logs and in every log-like file under the session's temp folders.
 
-Registration is automatic for API keys (`bastion.tenancy.keys.generate` is wrapped) and for the console's
+Registration is automatic for API keys (`bastion.tenancy.key_material.generate` is wrapped) and for the console's
 local admin password (`ensure_local_admin` is wrapped); tests register anything else with `register_secret()`.
 """
 
@@ -64,17 +64,17 @@ def install(log_dir: Path) -> Path:
 def _wrap_generators() -> None:
     from bastion.control import app as control_app
     from bastion.control import local_admin
-    from bastion.tenancy import keys
+    from bastion.tenancy import key_material
 
-    original_generate = keys.generate
+    original_generate = key_material.generate
 
-    def generate() -> keys.NewKeyMaterial:
+    def generate() -> key_material.NewKeyMaterial:
         material = original_generate()
         register_secret(material.secret)
         register_secret(material.token)
         return material
 
-    keys.generate = generate  # type: ignore[assignment]
+    key_material.generate = generate  # type: ignore[assignment]
     original_admin = local_admin.ensure_local_admin
 
     def ensure_local_admin(data_dir: Path) -> str | None:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "oidc"))
 import idp_harness as h
 
 from bastion.bench.doubles import TEST_PEPPER
-from bastion.tenancy import keys
+from bastion.tenancy import key_material
 
 # Fixed secrets of the test harness: the provider's client secret, the users' password, the key pepper.
 for fixed in (h.CLIENT_SECRET, h.PASSWORD, TEST_PEPPER.decode()):
@@ -26,8 +26,8 @@ for fixed in (h.CLIENT_SECRET, h.PASSWORD, TEST_PEPPER.decode()):
 
 
 def test_scanner_finds_a_planted_secret(tmp_path: Path) -> None:
-    # Not through keys.generate (that would register it for the real scan at the end): same shape, unregistered.
-    planted = keys.NewKeyMaterial(prefix="0123456789ab", secret=secrets.token_urlsafe(32))
+    # Not through key_material.generate (that would register it for the real scan at the end): same shape, unregistered.
+    planted = key_material.NewKeyMaterial(prefix="0123456789ab", secret=secrets.token_urlsafe(32))
     log = logging.getLogger("bastion.test.planted")
     log.propagate = False  # only into this test's file, not into the session log
     handler = logging.FileHandler(tmp_path / "planted.log")
@@ -51,7 +51,7 @@ def test_scanner_finds_a_planted_secret(tmp_path: Path) -> None:
 def test_generated_keys_and_local_passwords_are_registered(tmp_path: Path) -> None:
     from bastion.control import local_admin
 
-    material = keys.generate()
+    material = key_material.generate()
     assert {material.secret, material.token} <= secret_scan.secrets()
     password = local_admin.ensure_local_admin(tmp_path)
     assert password and password in secret_scan.secrets()

@@ -116,9 +116,9 @@ class GatewayThread:
         from bastion.bench.doubles import ScriptedEngine
         from bastion.gateway.app import create_app
         from bastion.gateway.audit_recorder import AuditRecorder
+        from bastion.gateway.combined_client import CombinedEngineClient
+        from bastion.gateway.engine_client import UpstreamInfo
         from bastion.gateway.external import ExternalEngineClient
-        from bastion.gateway.upstream import UpstreamInfo
-        from bastion.gateway.upstreams import CombinedEngineClient
 
         try:
             audit = await build_writer(self.config).start()

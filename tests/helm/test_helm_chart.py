@@ -442,7 +442,7 @@ def test_generated_keys_are_in_the_formats_bastion_reads(tmp_path: Path) -> None
 
     from bastion.audit.crypto import ContentCipher
     from bastion.audit.signing import Signer
-    from bastion.tenancy.keys import load_pepper
+    from bastion.tenancy.key_material import load_pepper
 
     source = yaml.safe_load(MIXED_POOL.read_text())
     source["audit"] = {"content_key_file": "/keys/content.key", "log_content": True}
@@ -456,6 +456,6 @@ def test_generated_keys_are_in_the_formats_bastion_reads(tmp_path: Path) -> None
         files[key].write_bytes(base64.b64decode(data))
     assert set(files) == {"api-key-pepper", "audit-signing-key", "audit-content-key", "pool-stats-token"}
     assert len(load_pepper(files["api-key-pepper"], tmp_path)) == 64
-    assert len(files["pool-stats-token"].read_text().strip()) >= 32  # bastion.pool.live.MIN_TOKEN_CHARS
+    assert len(files["pool-stats-token"].read_text().strip()) >= 32  # bastion.pool.live_stats.MIN_TOKEN_CHARS
     assert Signer.from_file(files["audit-signing-key"]).key_id
     assert ContentCipher.from_file(files["audit-content-key"])

@@ -1,6 +1,6 @@
 """The control plane's Deployment as rendered by a real `helm`: the console URL, the OIDC client id and audience,
 and the live pool statistics (gateway URL and shared token) reach it from values, and what it renders is what
-ControlSettings and bastion.pool.live read."""
+ControlSettings and bastion.pool.live_stats read."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from helm_support import MIXED_POOL, NAMESPACE, Manifest, chart_values, one, par
 
 from bastion.config import PlatformConfig
 from bastion.control.settings import ControlSettings
-from bastion.pool.live import POOL_STATS_PATH
+from bastion.pool.live_stats import POOL_STATS_PATH
 
 pytestmark = pytest.mark.integration
 

@@ -60,7 +60,7 @@ def flush_redis(db: int) -> str:
 
 async def _make_tenant(url: str, name: str, scopes: list[str], **kwargs: Any) -> str:
     from bastion.db.session import create_engine, session_factory
-    from bastion.tenancy.apikeys import KeyService
+    from bastion.tenancy.key_service import KeyService
     from bastion.tenancy.tenants import TenantService
 
     engine = create_engine(url)

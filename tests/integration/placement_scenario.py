@@ -53,7 +53,7 @@ def stand_in_class() -> Any:
             return 200, {"choices": []}, serve.get_replica_context().replica_id.unique_id
 
         async def stream(self, endpoint: str, body: dict[str, Any]) -> Any:
-            from bastion.gateway.upstream import replica_notice
+            from bastion.gateway.engine_client import replica_notice
 
             yield replica_notice(serve.get_replica_context().replica_id.unique_id)
             yield "data: [DONE]\n\n"
@@ -88,8 +88,8 @@ def build(config: Any) -> Any:
 async def sessions_through_the_gateway_client(handle: Any, config: Any) -> dict[str, list[str]]:
     """X-Session-Id as the gateway hands it on: RayEngineClient → handle options → the router's affinity; the
     replica each answer names (non-streaming and the stream's replica notice) is what the gateway records."""
-    from bastion.gateway.upstream import UpstreamInfo, notice_replica
-    from bastion.serve.engine_client import RayEngineClient
+    from bastion.gateway.engine_client import UpstreamInfo, notice_replica
+    from bastion.serve.ray_engine_client import RayEngineClient
 
     name = handle.deployment_name
     client = RayEngineClient([(UpstreamInfo(name, "qwen3.6-27b", "fast-agentic", 4096, 8), handle)])

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oidc"))
 import idp_harness as h
 
 from bastion.control.app import create_app
-from bastion.control.pool_view import ReplicaStats
 from bastion.db import migrate
+from bastion.pool.live_stats import ReplicaStats
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from bastion.config.schema import ControlConfig
 from bastion.control.app import create_app
 from bastion.control.local_admin import ensure_local_admin
 from bastion.control.settings import ControlSettings
-from bastion.pool.live import POOL_STATS_PATH, TOKEN_FILE_NAME
+from bastion.pool.live_stats import POOL_STATS_PATH, TOKEN_FILE_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CONTROL_PORT = 18261

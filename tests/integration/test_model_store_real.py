@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from bastion.engine.engine_args import EngineSpec
 from bastion.engine.manifest import MANIFEST, verify_manifest
 from bastion.engine.model_store import prepare_bundled
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import EngineSpec
 from bastion.errors import ModelStoreError
 
 pytestmark = pytest.mark.integration

@@ -230,8 +230,8 @@ async def test_database_down_keeps_known_keys_spools_audit_and_admin_answers_503
     from bastion.control.session import SESSION_COOKIE
     from bastion.control.settings import ControlSettings
     from bastion.gateway.audit_recorder import AuditRecorder
-    from bastion.tenancy.apikeys import KeyService
     from bastion.tenancy.invalidation import publisher
+    from bastion.tenancy.key_service import KeyService
 
     proxied = database_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{PROXY_PORT}/")
     assert proxied != database_url

@@ -297,7 +297,7 @@ async def test_every_gateway_route_keeps_tenants_apart(tmp_path: Path, pg: str) 
 
 async def test_the_guard_fails_open_when_redis_is_unreachable() -> None:
     """A dead limiter store must not turn a 401 into a 500 or lock everyone out."""
-    from bastion.tenancy.auth_failures import AuthFailureGuard
+    from bastion.tenancy.auth_failure_guard import AuthFailureGuard
 
     guard = AuthFailureGuard("redis://127.0.0.1:1/0", 1, 60, service="gateway")
     assert [await guard.failed("10.9.9.9") for _ in range(3)] == [None, None, None]

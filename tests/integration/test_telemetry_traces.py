@@ -21,10 +21,10 @@ import pytest
 from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
 from bastion.config.schema import TelemetryConfig
 from bastion.db import migrate
+from bastion.engine.engine_args import EngineSpec
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import EngineSpec
 from bastion.engine.tracing import TRACE_KEY, ReplicaTracing
-from bastion.gateway.upstream import Endpoint, UpstreamResponse
+from bastion.gateway.engine_client import Endpoint, UpstreamResponse
 from otlp_receiver import ReceivedSpan, Receiver, running_receiver
 
 pytestmark = pytest.mark.integration

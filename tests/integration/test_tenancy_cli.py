@@ -14,8 +14,8 @@ import pytest
 
 from bastion.config import load_config
 from bastion.db.session import create_engine, session_factory
-from bastion.tenancy import keys
-from bastion.tenancy.authn import Authenticator, AuthFailure
+from bastion.tenancy import key_material
+from bastion.tenancy.authenticator import Authenticator, AuthFailure
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ async def authenticate(config_path: Path, token: str):
     config = load_config(config_path)
     engine = create_engine(config.database.url)
     try:
-        pepper = keys.load_pepper(None, config.data_dir)
+        pepper = key_material.load_pepper(None, config.data_dir)
         auth = Authenticator(session_factory(engine), pepper, config.tenant_defaults)
         return await auth.authenticate(token)
     finally:
@@ -65,7 +65,7 @@ def test_tenant_and_key_commands(tmp_path: Path) -> None:
     principal = asyncio.run(authenticate(config, token))
     assert principal.tenant_name == "acme" and principal.tenant_limits.requests_per_minute == 5
     assert principal.tenant_limits.concurrent_requests == 16  # the rest from tenant_defaults
-    assert (tmp_path / keys.PEPPER_FILE_NAME).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / key_material.PEPPER_FILE_NAME).stat().st_mode & 0o777 == 0o600
 
     listed = run("keys", "list", "--tenant", "acme", *c).stdout
     assert prefix in listed and "active" in listed and token.split("_", 2)[2] not in listed

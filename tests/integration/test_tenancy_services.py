@@ -16,10 +16,10 @@ from bastion.config.schema import LimitsConfig, TenantDefaultsConfig
 from bastion.db import migrate
 from bastion.db.models import ApiKey, UsageCounter, utcnow
 from bastion.db.session import create_engine, session_factory
-from bastion.tenancy import keys
-from bastion.tenancy.apikeys import KeyService
-from bastion.tenancy.authn import Authenticator, AuthFailure
+from bastion.tenancy import key_material
+from bastion.tenancy.authenticator import Authenticator, AuthFailure
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker, day_period, month_period
+from bastion.tenancy.key_service import KeyService
 from bastion.tenancy.limiter_plan import Subject
 from bastion.tenancy.tenants import TenancyError, TenantService
 from bastion.tenancy.usage import RequestRecord, SpeculationStats, UsageRecorder, usage_for_tenant
@@ -76,11 +76,11 @@ async def test_keys_are_stored_only_as_peppered_hmac(sessions) -> None:
     await TenantService(sessions).create(tenant)
     service = KeyService(sessions, PEPPER)
     created = await service.create(tenant, name="ci", scopes=["usage:read", "inference"])
-    prefix, secret = keys.parse(created.token)
+    prefix, secret = key_material.parse(created.token)
     assert created.info.prefix == prefix and created.info.scopes == ("inference", "usage:read")
     async with sessions() as session:
         row = (await session.execute(select(ApiKey).where(ApiKey.prefix == prefix))).scalar_one()
-        assert row.secret_hash == keys.hash_secret(PEPPER, secret)
+        assert row.secret_hash == key_material.hash_secret(PEPPER, secret)
         assert secret.encode() not in repr(vars(row)).encode()
     listed = await service.list(tenant)
     assert [k.prefix for k in listed] == [prefix] and not hasattr(listed[0], "secret_hash")

@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from bastion.config.schema import PlatformConfig
-from bastion.control.live_stats import PoolStatsPoller
 from bastion.control.pool_view import pool_status
 from bastion.control.settings import ControlSettings
 from bastion.engine.speculation import load_totals
 from bastion.errors import ConfigError
-from bastion.pool.live import POOL_STATS_PATH, authorized, default_url, load_token
+from bastion.pool.live_poller import PoolStatsPoller
+from bastion.pool.live_stats import POOL_STATS_PATH, authorized, default_url, load_token
 
 pytestmark = pytest.mark.unit
 TOKEN = "t" * 40

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bastion.engine.engine_args import EngineSpec
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import EngineSpec
 from bastion.telemetry.metrics import GatewayMetrics
 from bastion.tenancy.usage import RequestRecord, SpeculationStats
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from bastion.engine.engine_args import EngineSpec
 from bastion.engine.replica import EngineReplica, ReplicaDraining
-from bastion.engine.spec import EngineSpec
 
 pytestmark = pytest.mark.unit
 

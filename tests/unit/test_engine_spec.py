@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from bastion.config import Settings, load_config
+from bastion.engine.engine_args import engine_spec, mtp_layers
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import engine_spec, mtp_layers
 from bastion.engine.speculation import SpeculationStats, engine_totals
 from bastion.errors import EngineConfigError
 

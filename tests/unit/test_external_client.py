@@ -19,9 +19,9 @@ from external_fake import FakeUpstream
 from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, until
 from bastion.config.external import ExternalReplicaConfig
 from bastion.db import migrate
+from bastion.gateway.combined_client import CombinedEngineClient
+from bastion.gateway.engine_client import UpstreamInfo, UpstreamUnavailable
 from bastion.gateway.external import ExternalEngineClient
-from bastion.gateway.upstream import UpstreamInfo, UpstreamUnavailable
-from bastion.gateway.upstreams import CombinedEngineClient
 
 pytestmark = pytest.mark.unit
 PORTS = itertools.cycle(range(18201, 18210))  # this helper's loopback ports; uvicorn reuses addresses

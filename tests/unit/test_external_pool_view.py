@@ -10,7 +10,8 @@ import pytest
 from external_fake import FakeUpstream
 
 from bastion.config.schema import PlatformConfig
-from bastion.control.pool_view import no_live_stats, pool_status
+from bastion.control.pool_view import pool_status
+from bastion.pool.live_stats import no_live_stats
 
 pytestmark = pytest.mark.unit
 

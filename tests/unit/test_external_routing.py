@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bastion.gateway.affinity import UpstreamAffinity
-from bastion.gateway.upstream import UpstreamInfo
+from bastion.gateway.engine_client import UpstreamInfo
 from bastion.routing.health import EJECTED, IN_ROTATION, UNKNOWN, HealthState
 
 pytestmark = pytest.mark.unit

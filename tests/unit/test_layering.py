@@ -279,7 +279,7 @@ def test_an_upward_import_is_a_violation(tmp_path: Path) -> None:
         tmp_path,
         {
             "tenancy/__init__.py": "",
-            "tenancy/keys.py": "def f():\n    from bastion.gateway import app\n",
+            "tenancy/key_material.py": "def f():\n    from bastion.gateway import app\n",
             "gateway/__init__.py": "",
             "gateway/app.py": "from bastion.tenancy import keys\n",
             "audit/__init__.py": "",
@@ -289,5 +289,5 @@ def test_an_upward_import_is_a_violation(tmp_path: Path) -> None:
     )
     assert rule_violations(import_graph(root), ALLOWED) == [
         "bastion.audit.x imports bastion.bench",
-        "bastion.tenancy.keys imports bastion.gateway.app",
+        "bastion.tenancy.key_material imports bastion.gateway.app",
     ]

@@ -122,8 +122,8 @@ def fake_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
 def test_prepare_grafts_the_shipped_head_and_caches(fake_bundle: dict) -> None:
     import json
 
+    from bastion.engine.engine_args import mtp_layers
     from bastion.engine.model_store import BUNDLE_MARKER, bundle_revision, prepare_bundled
-    from bastion.engine.spec import mtp_layers
 
     folder = prepare_bundled("tiny", fake_bundle["data"], heads_dir=fake_bundle["heads"])
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["MiMoForCausalLM"]

@@ -77,8 +77,8 @@ def _gauges(text: str) -> dict[str, dict[tuple, float]]:
 
 
 def _replica(folder: Path, profile: str = "fast-agentic", speculative: bool = True):
+    from bastion.engine.engine_args import EngineSpec
     from bastion.engine.replica import EngineReplica
-    from bastion.engine.spec import EngineSpec
 
     drift = {"margin": 0.1, "min_draft_tokens": 500, "window_s": 60.0}
     spec = EngineSpec("m", profile, str(folder), "m", 2048, speculative=speculative, drift=drift)
@@ -112,7 +112,7 @@ def test_replica_without_baseline_exports_live_only_and_no_alert(tmp_path: Path)
 
 def test_engine_spec_carries_the_configured_margin(tmp_path: Path) -> None:
     from bastion.bench.doubles import platform_config
-    from bastion.engine.spec import engine_spec
+    from bastion.engine.engine_args import engine_spec
 
     config = platform_config(str(tmp_path), "sqlite+aiosqlite:///x.db", ["m"])
     config = config.model_copy(

@@ -40,9 +40,9 @@ def _weights(folder: Path) -> dict:
 
 
 def test_graft_writes_the_mimo_layout(tiny_llama: Path, tmp_path: Path) -> None:
+    from bastion.engine.engine_args import mtp_layers
     from bastion.engine.manifest import verify_manifest
     from bastion.engine.mtp.graft import graft, mtp_weight_names
-    from bastion.engine.spec import mtp_layers
 
     out = graft(tiny_llama, tmp_path / "grafted")
     config = json.loads((out / "config.json").read_text())

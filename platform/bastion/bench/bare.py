@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.config.schema import PlatformConfig
 from bastion.gateway.app import add_inference_routes, create_app
+from bastion.gateway.engine_client import Endpoint, EngineClient
 from bastion.gateway.relay import upstream_body
-from bastion.gateway.upstream import Endpoint, EngineClient
 
 
 def add_bare_routes(app: FastAPI, engine: EngineClient) -> None:

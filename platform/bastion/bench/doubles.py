@@ -17,7 +17,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable, replica_notice
+from bastion.gateway.engine_client import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable, replica_notice
 
 
 def count_words(body: dict[str, Any]) -> int:
@@ -240,8 +240,8 @@ class Stack:
 
     def keys(self, *, notify: bool = True):
         """Key administration; with Redis, changes are also announced to every replica (as the CLI does)."""
-        from bastion.tenancy.apikeys import KeyService
         from bastion.tenancy.invalidation import publisher
+        from bastion.tenancy.key_service import KeyService
 
         announce = publisher(self.redis_url) if notify and self.redis_url else None
         return KeyService(self.sessions, TEST_PEPPER, announce)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.config.schema import PlatformConfig
+from bastion.engine.engine_args import engine_spec
 from bastion.engine.mtp.acceptance import timed_chat
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import engine_spec
 from bastion.engine.speculation import SpeculationStats
 
 PROMPTS = [

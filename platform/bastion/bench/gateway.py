@@ -82,7 +82,7 @@ async def _setup(data_dir: str, database_url: str) -> str:
     from bastion.bench.doubles import TEST_PEPPER
     from bastion.config.schema import LimitsConfig
     from bastion.db.session import create_engine, session_factory
-    from bastion.tenancy.apikeys import KeyService
+    from bastion.tenancy.key_service import KeyService
     from bastion.tenancy.tenants import TenantService
 
     engine = create_engine(database_url)

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.bench.doubles import ScriptedEngine, count_words, upstreams_for
-from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse
+from bastion.gateway.engine_client import Endpoint, UpstreamInfo, UpstreamResponse
 
 LITELLM_KEY = "sk-bench-litellm-master"  # a throwaway master key for the bench's own LiteLLM process
 _PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}

@@ -19,7 +19,7 @@ from typing import Any
 from ray import serve
 
 from bastion.bench.doubles import ScriptedEngine, count_words
-from bastion.gateway.upstream import UpstreamInfo, replica_notice
+from bastion.gateway.engine_client import UpstreamInfo, replica_notice
 from bastion.serve.options import GRACEFUL_SHUTDOWN_S, HEALTH_CHECK_PERIOD_S, deployment_name, request_router_config
 
 MODEL = "m1"

@@ -22,7 +22,7 @@ from bastion.config import PlatformConfig
 from bastion.config.schema import LimitsConfig
 from bastion.control.errors import ControlError, bad_request, conflict, forbidden, not_found
 from bastion.control.principal import Principal
-from bastion.tenancy.apikeys import KeyService
+from bastion.tenancy.key_service import KeyService
 from bastion.tenancy.tenants import TenancyError, TenantService
 from bastion.tenancy.usage import usage_for_tenant
 from bastion.tenancy.views import CreatedKey, KeyInfo, TenantInfo

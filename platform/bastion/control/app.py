@@ -29,19 +29,18 @@ from bastion.control import api, console
 from bastion.control.admin import AdminService
 from bastion.control.deps import ControlContext, principal_from_session, session_of
 from bastion.control.errors import ControlError
-from bastion.control.live_stats import PoolStatsPoller
 from bastion.control.local_admin import ensure_local_admin
 from bastion.control.oidc import OidcLogin
-from bastion.control.pool_view import ReplicaStatsProvider, no_live_stats
 from bastion.control.session import CookieCodec, key_from_file, key_from_secret
 from bastion.control.settings import ControlSettings
 from bastion.control.tokens import TokenVerifier
 from bastion.db.session import create_engine, session_factory
-from bastion.pool.live import load_token
-from bastion.tenancy import keys as key_material
-from bastion.tenancy.apikeys import KeyService
-from bastion.tenancy.auth_failures import AuthFailureGuard
+from bastion.pool.live_poller import PoolStatsPoller
+from bastion.pool.live_stats import ReplicaStatsProvider, load_token, no_live_stats
+from bastion.tenancy import key_material
+from bastion.tenancy.auth_failure_guard import AuthFailureGuard
 from bastion.tenancy.invalidation import publisher
+from bastion.tenancy.key_service import KeyService
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"

@@ -11,12 +11,12 @@ from fastapi import Request
 from bastion.control.admin import AdminService
 from bastion.control.errors import ControlError, unauthorized
 from bastion.control.oidc import OidcLogin
-from bastion.control.pool_view import ReplicaStatsProvider
 from bastion.control.principal import Principal, principal_from_claims
 from bastion.control.session import SESSION_COOKIE, CookieCodec, csrf_ok
 from bastion.control.settings import ControlSettings
 from bastion.control.tokens import TokenVerifier
-from bastion.tenancy.auth_failures import AuthFailureGuard
+from bastion.pool.live_stats import ReplicaStatsProvider
+from bastion.tenancy.auth_failure_guard import AuthFailureGuard
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRF-Token"

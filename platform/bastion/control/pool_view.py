@@ -1,5 +1,5 @@
 """The pool and profiles dashboard's data: deployments from the platform file, live replica stats from a
-provider (control/live_stats.py polls the gateway's internal endpoint: the control plane runs outside Ray),
+provider (pool/live_poller.py polls the gateway's internal endpoint: the control plane runs outside Ray),
 acceptance per profile from usage counters, and context capacity from the planner.
 """
 
@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +20,12 @@ from bastion.db.models import UsageCounter
 from bastion.pool.architecture import Architecture, architecture_from_hf, load_hf_config
 from bastion.pool.catalog import PoolError, gpu_classes
 from bastion.pool.catalog import select as select_gpus
+from bastion.pool.live_stats import ReplicaStatsProvider
 from bastion.pool.planner import MtpHead, PlanInputs, Speculation, plan
 from bastion.routing.health import probe_all
 
 log = logging.getLogger(__name__)
 DEFAULT_GPUS = ("rtx3090", "rtx4090", "rtx5090", "h100")
-
-
-@dataclass(frozen=True)
-class ReplicaStats:
-    deployment: str  # `model@profile`, as DeploymentConfig.name
-    replica: str
-    healthy: bool | None = None
-    queue_depth: int | None = None  # requests waiting in the engine's queue
-    tok_s: float | None = None  # generated tokens per second over the last sampling interval
-    acceptance_rate: float | None = None  # accepted ÷ drafted tokens since the replica started
-    profile: str | None = None
-    serve_deployment: str | None = None  # Ray Serve's name for the deployment
-    in_flight: int | None = None
-    requests_finished: int | None = None
-    generation_tokens: int | None = None
-    draft_tokens: int | None = None
-    accepted_tokens: int | None = None
-
-
-ReplicaStatsProvider = Callable[[], Awaitable[list[ReplicaStats]]]
-
-
-async def no_live_stats() -> list[ReplicaStats]:
-    """The default provider: the control plane alone knows only what the platform file declares."""
-    return []
 
 
 async def pool_status(config: PlatformConfig, provider: ReplicaStatsProvider) -> dict[str, Any]:

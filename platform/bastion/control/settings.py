@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bastion.config import PlatformConfig
 from bastion.errors import ConfigError
-from bastion.pool.live import default_url
+from bastion.pool.live_stats import default_url
 
 SECRET_FILE_ENV = "BASTION_OIDC_CLIENT_SECRET_FILE"  # noqa: S105 - the name of a variable, not a secret
 

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from bastion.engine.engine_args import EngineSpec, check_mtp
 from bastion.engine.manifest import verify_manifest
-from bastion.engine.spec import EngineSpec, check_mtp
 from bastion.engine.speculation import SpeculationStats, engine_totals, load_totals
 from bastion.engine.tracing import ReplicaTracing, request_timings, split_trace
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bastion.gateway.upstream import UpstreamInfo
+from bastion.gateway.engine_client import UpstreamInfo
 from bastion.routing.replicas import ReplicaChooser, session_key
 
 

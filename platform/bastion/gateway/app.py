@@ -25,17 +25,17 @@ from bastion.config.schema import PlatformConfig
 from bastion.config.token_files import bearer_matches, read_token
 from bastion.db.session import create_engine, session_factory
 from bastion.gateway import openapi, policy
+from bastion.gateway.engine_client import EngineClient
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
-from bastion.gateway.upstream import EngineClient
-from bastion.pool.live import load_token
+from bastion.pool.live_stats import load_token
 from bastion.routing.profiles import RoutingPolicy
 from bastion.telemetry import metrics as telemetry_metrics
 from bastion.telemetry.logging import request_id_var
 from bastion.telemetry.tracing import GatewayTracing
-from bastion.tenancy import keys
-from bastion.tenancy.auth_failures import AuthFailureGuard
-from bastion.tenancy.authn import Authenticator
+from bastion.tenancy import key_material
+from bastion.tenancy.auth_failure_guard import AuthFailureGuard
+from bastion.tenancy.authenticator import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.usage import RequestRecorder, UsageRecorder, usage_for_tenant
@@ -115,7 +115,7 @@ def create_app(
         sessions = session_factory(owned_engine)
     redis_url = redis_url if redis_url is not None else config.redis.url
     if pepper is None:
-        pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
+        pepper = key_material.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
     limiter = Limiter(
         redis_url, when_unavailable=config.redis.when_unavailable, tenant_policies=config.redis.tenant_policies
     )

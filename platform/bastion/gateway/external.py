@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 
 from bastion.config.external import ExternalReplicaConfig
+from bastion.gateway.engine_client import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
 from bastion.gateway.errors import error_body
 from bastion.gateway.external_protocol import estimate_tokens, map_error, speculation_of, with_speculation
-from bastion.gateway.upstream import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
 from bastion.routing.health import HealthState, probe
 
 log = logging.getLogger("bastion.gateway.external")

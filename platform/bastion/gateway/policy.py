@@ -16,12 +16,12 @@ from typing import Any
 from fastapi import Request
 
 from bastion.db.models import utcnow
+from bastion.gateway.engine_client import Endpoint
 from bastion.gateway.errors import ApiError
 from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
-from bastion.gateway.upstream import Endpoint
 from bastion.routing.profiles import RoutingDecision
-from bastion.tenancy import keys
-from bastion.tenancy.authn import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
+from bastion.tenancy import key_material
+from bastion.tenancy.authenticator import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
 from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.limiter_plan import Admission, LimitExceeded, RateHeaders, RedisUnavailable, Subject
@@ -74,7 +74,7 @@ async def authenticate(
     token = bearer(request)
     address = request.client.host if request.client else None
     if ctx is not None:
-        parsed = keys.parse(token or "")
+        parsed = key_material.parse(token or "")
         ctx.key_prefix = parsed[0] if parsed else None
         ctx.client_address = address
     guard = auth.guard

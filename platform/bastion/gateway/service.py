@@ -20,13 +20,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.gateway import policy
 from bastion.gateway.affinity import UpstreamAffinity
+from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
 from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
-from bastion.gateway.upstream import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.routing.profiles import RouteRequest, RoutingError, RoutingPolicy, choose, split_model
 from bastion.telemetry.tracing import GatewayTracing, RequestTrace, activated
-from bastion.tenancy.authn import Authenticator
+from bastion.tenancy.authenticator import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.invalidation import InvalidationListener
 from bastion.tenancy.limiter import Limiter

@@ -9,7 +9,7 @@ from ray.serve import Application
 
 from bastion.config import load_config
 from bastion.config.schema import PlatformConfig
-from bastion.engine.spec import engine_spec
+from bastion.engine.engine_args import engine_spec
 from bastion.serve.deployments import EngineDeployment
 from bastion.serve.options import deployment_options
 

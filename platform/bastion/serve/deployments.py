@@ -7,10 +7,10 @@ from typing import Any
 
 from ray import serve
 
+from bastion.engine.engine_args import EngineSpec
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import EngineSpec
 from bastion.engine.tracing import ReplicaTracing
-from bastion.gateway.upstream import replica_notice
+from bastion.gateway.engine_client import replica_notice
 from bastion.serve.options import GRACEFUL_SHUTDOWN_S
 
 

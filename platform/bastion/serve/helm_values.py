@@ -84,7 +84,7 @@ def cluster_platform(data: dict[str, Any], source: str = "platform file") -> dic
     audit["signing_key_file"] = f"{SECRETS_DIR}/{SECRET_FILES['audit_signing_key']}"
     if config.audit.content_key_file is not None:
         audit["content_key_file"] = f"{SECRETS_DIR}/{SECRET_FILES['audit_content_key']}"
-    control = out.setdefault("control", {})  # gateway and control plane share it (bastion.pool.live)
+    control = out.setdefault("control", {})  # gateway and control plane share it (bastion.pool.live_stats)
     control["pool_stats_token_file"] = f"{SECRETS_DIR}/{SECRET_FILES['pool_stats_token']}"
     _validate(out, source)
     return out

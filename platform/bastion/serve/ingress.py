@@ -11,12 +11,12 @@ from bastion.audit.service import build_writer
 from bastion.config import load_config
 from bastion.gateway.app import create_app
 from bastion.gateway.audit_recorder import AuditRecorder
+from bastion.gateway.combined_client import CombinedEngineClient
+from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
-from bastion.gateway.upstream import UpstreamInfo
-from bastion.gateway.upstreams import CombinedEngineClient
-from bastion.pool.live import load_token
-from bastion.serve.engine_client import RayEngineClient
+from bastion.pool.live_stats import load_token
 from bastion.serve.pool_stats import add_pool_stats_route
+from bastion.serve.ray_engine_client import RayEngineClient
 from bastion.telemetry.logging import configure_logging
 
 

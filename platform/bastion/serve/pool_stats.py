@@ -1,4 +1,4 @@
-"""The gateway's internal endpoint of live replica statistics (bastion.pool.live), read by the control plane.
+"""The gateway's internal endpoint of live replica statistics (bastion.pool.live_stats), read by the control plane.
 
 Served by the gateway ingress because only a process inside Ray holding the engine handles sees every replica:
 Serve's routers there get each replica's `record_routing_stats` (serve/replica_registry.py). Deployment
@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from bastion.gateway.errors import ApiError
-from bastion.pool.live import POOL_STATS_PATH, authorized
+from bastion.pool.live_stats import POOL_STATS_PATH, authorized
 from bastion.serve.replica_registry import live_replicas
 
 log = logging.getLogger(__name__)

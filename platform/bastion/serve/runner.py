@@ -253,12 +253,12 @@ def check_address(config: PlatformConfig) -> None:
 async def bootstrap_tenant(config: PlatformConfig) -> str | None:
     """On first start (no tenants yet) create tenant `default` and a key; return the key, shown once, else None."""
     from bastion.db.session import create_engine, session_factory
-    from bastion.tenancy import keys
+    from bastion.tenancy import key_material
     from bastion.tenancy.bootstrap import ensure_bootstrap
 
     engine = create_engine(config.database.url)
     try:
-        pepper = keys.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
+        pepper = key_material.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
         created = await ensure_bootstrap(session_factory(engine), pepper)
         return created.token if created else None
     finally:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import Tenant
-from bastion.tenancy.apikeys import KeyService
+from bastion.tenancy.key_service import KeyService
 from bastion.tenancy.tenants import TenantService
 from bastion.tenancy.views import CreatedKey
 

@@ -21,7 +21,7 @@ from bastion.config import PlatformConfig, load_config
 from bastion.config.schema import LimitsConfig
 
 if TYPE_CHECKING:  # the services pull in SQLAlchemy and Redis: imported when a command runs, not for --help
-    from bastion.tenancy.apikeys import KeyService
+    from bastion.tenancy.key_service import KeyService
     from bastion.tenancy.tenants import TenantService
     from bastion.tenancy.views import CreatedKey, KeyInfo
 
@@ -33,9 +33,9 @@ _out = Console()
 
 def _run(config_path: Path | None, work: Callable[[PlatformConfig, TenantService, KeyService], Awaitable[T]]) -> T:
     from bastion.db.session import create_engine, session_factory
-    from bastion.tenancy import keys as key_material
-    from bastion.tenancy.apikeys import KeyService
+    from bastion.tenancy import key_material
     from bastion.tenancy.invalidation import publisher
+    from bastion.tenancy.key_service import KeyService
     from bastion.tenancy.tenants import TenantService
 
     config = load_config(config_path)

@@ -133,7 +133,7 @@ async def _one(replica: Any, messages: list[dict], temperature: float, max_token
 
 def replica_spec(model_dir: Path, k: int | None, max_model_len: int, dtype: str = "float32") -> Any:
     """An EngineSpec as `engine_spec` builds it, for MTP with k drafts (None: no speculation)."""
-    from bastion.engine.spec import EngineSpec
+    from bastion.engine.engine_args import EngineSpec
 
     kwargs: dict[str, Any] = {
         "model": str(model_dir),

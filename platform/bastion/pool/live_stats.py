@@ -1,4 +1,7 @@
-"""Live replica statistics: the internal endpoint the gateway serves and the control plane polls.
+"""Live replica statistics: the contract of the internal endpoint the gateway serves and the control plane polls
+(path, token, the `ReplicaStats` record). The live pool view is: this file; `serve/pool_stats.py`, the endpoint
+(inside Ray: only the gateway ingress sees Serve's routers); `pool/live_poller.py`, the control plane's reader;
+`control/pool_view.py`, the dashboard that shows it.
 
 The engine replicas live inside Ray and only the gateway (a Serve replica holding handles to them) sees each one;
 the control plane runs in its own process or pod. So the gateway answers `POOL_STATS_PATH` with what Serve's
@@ -9,6 +12,8 @@ once (the single-machine default, where gateway and control plane share `data_di
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.config import PlatformConfig
@@ -35,3 +40,28 @@ def default_url(config: PlatformConfig) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{config.gateway.port}{POOL_STATS_PATH}"
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    deployment: str  # `model@profile`, as DeploymentConfig.name
+    replica: str
+    healthy: bool | None = None
+    queue_depth: int | None = None  # requests waiting in the engine's queue
+    tok_s: float | None = None  # generated tokens per second over the last sampling interval
+    acceptance_rate: float | None = None  # accepted ÷ drafted tokens since the replica started
+    profile: str | None = None
+    serve_deployment: str | None = None  # Ray Serve's name for the deployment
+    in_flight: int | None = None
+    requests_finished: int | None = None
+    generation_tokens: int | None = None
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
+
+
+ReplicaStatsProvider = Callable[[], Awaitable[list[ReplicaStats]]]
+
+
+async def no_live_stats() -> list[ReplicaStats]:
+    """The default provider: the control plane alone knows only what the platform file declares."""
+    return []

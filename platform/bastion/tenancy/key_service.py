@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import ApiKey, Tenant, utcnow
-from bastion.tenancy import keys
+from bastion.tenancy import key_material
 from bastion.tenancy.tenants import TenancyError, find_tenant
 from bastion.tenancy.views import CreatedKey, KeyInfo
 
@@ -29,9 +29,9 @@ async def _find_key(session: AsyncSession, ref: str) -> ApiKey:
 
 
 def _check_scopes(scopes: Sequence[str]) -> list[str]:
-    unknown = sorted(set(scopes) - set(keys.SCOPES))
+    unknown = sorted(set(scopes) - set(key_material.SCOPES))
     if unknown:
-        raise TenancyError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(keys.SCOPES)}")
+        raise TenancyError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(key_material.SCOPES)}")
     if not scopes:
         raise TenancyError("a key needs at least one scope")
     return sorted(set(scopes))
@@ -44,12 +44,12 @@ class KeyService:
         self._notify = notify
 
     def _new_row(self, tenant_id: str, name: str, scopes: list[str], expires_at: datetime | None):
-        material = keys.generate()
+        material = key_material.generate()
         row = ApiKey(
             tenant_id=tenant_id,
             name=name,
             prefix=material.prefix,
-            secret_hash=keys.hash_secret(self._pepper, material.secret),
+            secret_hash=key_material.hash_secret(self._pepper, material.secret),
             scopes=scopes,
             expires_at=expires_at,
         )

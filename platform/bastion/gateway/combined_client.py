@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from bastion.gateway.upstream import Endpoint, EngineClient, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
+from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
 
 
 class CombinedEngineClient:

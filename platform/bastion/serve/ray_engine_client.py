@@ -12,14 +12,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from bastion.engine.replica import ReplicaDraining
-from bastion.gateway.errors import error_body
-from bastion.gateway.upstream import (
+from bastion.gateway.engine_client import (
     Endpoint,
     UpstreamInfo,
     UpstreamResponse,
     UpstreamUnavailable,
     notice_replica,
 )
+from bastion.gateway.errors import error_body
 
 log = logging.getLogger(__name__)
 # A replica that is gone, draining or overloaded: the request can go elsewhere (or get a 503 with a retry hint).

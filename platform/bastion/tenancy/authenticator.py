@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.config.schema import LimitsConfig, TenantDefaultsConfig
 from bastion.db.models import ApiKey, Limit, Tenant
-from bastion.tenancy import keys
-from bastion.tenancy.auth_failures import AuthFailureGuard
+from bastion.tenancy import key_material
+from bastion.tenancy.auth_failure_guard import AuthFailureGuard
 from bastion.tenancy.views import limits_of
 
 MAX_TTL_S = 0.8  # plus one database read: revocation lands within a second
@@ -104,12 +104,12 @@ class Authenticator:
     async def authenticate(self, token: str | None) -> Principal:
         if not token:
             raise AuthFailure("missing API key; send `Authorization: Bearer bst_...`")
-        parsed = keys.parse(token)
+        parsed = key_material.parse(token)
         if parsed is None:
             raise AuthFailure("invalid API key")
         prefix, secret = parsed
         entry = await self._entry(prefix)
-        if entry is None or not keys.verify(self._pepper, secret, entry.secret_hash):
+        if entry is None or not key_material.verify(self._pepper, secret, entry.secret_hash):
             raise AuthFailure("invalid API key")
         now = time.time()
         if entry.revoked_at is not None and entry.revoked_at <= now:

@@ -1,10 +1,10 @@
-"""Live replica statistics for the pool view: polled from the gateway's internal endpoint (bastion.pool.live).
+"""Live replica statistics for the pool view: polled from the gateway's internal endpoint (bastion.pool.live_stats).
 
 The control plane runs outside Ray, so it reads what the gateway's Serve routers know of each engine replica:
 cumulative vLLM counters stamped with the replica's clock. Rates (tok/s, acceptance over the last interval) are
 differences of two samples of the same replica. A short history per profile stays in memory (per control-plane
 replica, lost on restart) for the console's "acceptance over time" chart; daily history comes from the usage
-counters in the database (pool_view.acceptance_by_profile).
+counters in the database (control/pool_view.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from bastion.control.pool_view import ReplicaStats
+from bastion.pool.live_stats import ReplicaStats
 
 log = logging.getLogger(__name__)
 
