@@ -112,24 +112,25 @@ class GatewayThread:
     async def _main(self) -> None:
         import uvicorn
 
+        from bastion.audit.recorder import AuditRecorder
         from bastion.audit.service import build_writer
         from bastion.bench.doubles import ScriptedEngine
         from bastion.gateway.app import create_app
-        from bastion.gateway.audit_recorder import AuditRecorder
         from bastion.gateway.combined_client import CombinedEngineClient
         from bastion.gateway.engine_client import UpstreamInfo
         from bastion.gateway.external import ExternalEngineClient
 
         try:
             audit = await build_writer(self.config).start()
-            methods = {name: p.speculative.method for name, p in self.config.profiles.items()}
             self.external = ExternalEngineClient(list(self.config.external_replicas))
             self.external.start()
             other = ScriptedEngine(
                 [UpstreamInfo(OTHER, MODEL, "fast-agentic", 1024, 8)], words=["scripted"] * 40, record_bodies=False
             )
             engine = CombinedEngineClient([self.external, other])
-            app = create_app(self.config, engine, recorders=[AuditRecorder(audit, methods)], flush_interval_s=0.2)
+            app = create_app(
+                self.config, engine, recorders=[AuditRecorder(audit, self.config.profiles)], flush_interval_s=0.2
+            )
             config = uvicorn.Config(app, host="127.0.0.1", port=GATEWAY_PORT, log_level="warning")
             self.server = uvicorn.Server(config)
             serving = asyncio.ensure_future(self.server.serve())

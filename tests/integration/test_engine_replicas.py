@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bastion.engine.speculation import SpeculationStats
+from bastion.records import SpeculationStats
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import pytest
 
 from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, until, upstreams_for
 from bastion.db import migrate
-from bastion.tenancy.usage import RequestRecord
+from bastion.records import RequestRecord
 
 pytestmark = pytest.mark.integration
 SPEC = {"num_draft_tokens": 10, "num_accepted_draft_tokens": 7, "draft_acceptance_rate": 0.7, "num_spec_steps": 5}
@@ -123,7 +123,7 @@ async def test_streaming_record_has_usage_and_speculation(stack: Stack, recorder
     assert response.status_code == 200 and '"usage"' not in response.text
     record = recorder.records[-1]
     assert record.stream and record.completion_tokens == 5 and record.prompt_tokens == 6
-    assert record.speculation is not None and record.speculation.num_accepted_tokens == 7
+    assert record.speculation is not None and record.speculation.accepted_tokens == 7
     assert record.speculation.acceptance_rate == pytest.approx(0.7)
 
 

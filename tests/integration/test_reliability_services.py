@@ -225,11 +225,11 @@ async def _audit_count(url: str, request_ids: list[str]) -> int:
 async def test_database_down_keeps_known_keys_spools_audit_and_admin_answers_503(
     tmp_path: Path, database_url: str, redis_url: str, proxy: CuttableProxy
 ) -> None:
+    from bastion.audit.recorder import AuditRecorder
     from bastion.audit.service import build_writer
     from bastion.control.app import create_app as create_control
     from bastion.control.session import SESSION_COOKIE
     from bastion.control.settings import ControlSettings
-    from bastion.gateway.audit_recorder import AuditRecorder
     from bastion.tenancy.invalidation import publisher
     from bastion.tenancy.key_service import KeyService
 

@@ -16,13 +16,14 @@ from bastion.config.schema import LimitsConfig, TenantDefaultsConfig
 from bastion.db import migrate
 from bastion.db.models import ApiKey, UsageCounter, utcnow
 from bastion.db.session import create_engine, session_factory
+from bastion.records import RequestRecord, SpeculationStats
 from bastion.tenancy import key_material
 from bastion.tenancy.authenticator import Authenticator, AuthFailure
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker, day_period, month_period
 from bastion.tenancy.key_service import KeyService
 from bastion.tenancy.limiter_plan import Subject
 from bastion.tenancy.tenants import TenancyError, TenantService
-from bastion.tenancy.usage import RequestRecord, SpeculationStats, UsageRecorder, usage_for_tenant
+from bastion.tenancy.usage import UsageRecorder, usage_for_tenant
 
 pytestmark = pytest.mark.integration
 PEPPER = b"x" * 32
@@ -147,7 +148,7 @@ async def test_usage_counters_accumulate_in_batches(sessions) -> None:
         )
 
     for _ in range(3):
-        recorder.record(record(spec=SpeculationStats(4, 3)))
+        recorder.record(record(spec=SpeculationStats(draft_tokens=4, accepted_tokens=3)))
     assert recorder.pending == 2  # one day bucket and one month bucket
     assert await recorder.flush() == 2
     recorder.record(record(status=500))

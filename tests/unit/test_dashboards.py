@@ -13,8 +13,8 @@ import pytest
 
 from bastion.engine.engine_args import EngineSpec
 from bastion.engine.replica import EngineReplica
+from bastion.records import RequestRecord, SpeculationStats
 from bastion.telemetry.metrics import GatewayMetrics
-from bastion.tenancy.usage import RequestRecord, SpeculationStats
 
 pytestmark = pytest.mark.unit
 DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
@@ -45,7 +45,7 @@ def record(**kwargs) -> RequestRecord:
         "started_at": datetime.now(UTC),
         "latency_ms": 120.0,
         "ttft_ms": 20.0,
-        "speculation": SpeculationStats(12, 9, 4, 0.75, 3.25),
+        "speculation": SpeculationStats(drafts=4, draft_tokens=12, accepted_tokens=9),
     }
     return RequestRecord(**{**base, **kwargs})
 

@@ -11,8 +11,9 @@ import yaml
 from bastion.config import Settings, load_config
 from bastion.engine.engine_args import engine_spec, mtp_layers
 from bastion.engine.replica import EngineReplica
-from bastion.engine.speculation import SpeculationStats, engine_totals
+from bastion.engine.speculation import engine_totals
 from bastion.errors import EngineConfigError
+from bastion.records import SpeculationStats
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -226,7 +226,7 @@ async def test_gateway_fails_over_and_keeps_sessions(stack, fake: FakeUpstream) 
     s.gateway.in_flight["engine-m1--fast-agentic"] = 0
     again = await s.client.post("/v1/chat/completions", json=BODY, headers=auth)  # affinity beats equal load
     assert again.json()["choices"][0]["message"]["content"] == "one two three"
-    assert recorder.records[-1].upstream == "box" and recorder.records[-1].speculation.num_draft_tokens == 4
+    assert recorder.records[-1].upstream == "box" and recorder.records[-1].speculation.draft_tokens == 4
 
     fake.stop()  # killed: the next request of the session must not fail
     moved = await s.client.post("/v1/chat/completions", json=BODY, headers=auth)

@@ -32,7 +32,7 @@ def test_llama_cpp_timings_become_vllm_shape_and_reach_usage() -> None:
     body = with_speculation({"usage": {"prompt_tokens": 12, "completion_tokens": 20}, **LLAMA}, spec)
     prompt, completion, stats = usage_of(body)
     assert (prompt, completion) == (12, 20)
-    assert stats is not None and stats.num_draft_tokens == 16 and stats.num_accepted_tokens == 12
+    assert stats is not None and stats.draft_tokens == 16 and stats.accepted_tokens == 12
     assert stats.acceptance_rate == pytest.approx(0.75)
 
 

@@ -10,8 +10,8 @@ from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
 from bastion.gateway.relay import StreamTally, inspect_chunk, inspect_event, split_events, upstream_body, usage_of
 from bastion.gateway.service import first_event_error
+from bastion.records import SpeculationStats
 from bastion.tenancy.limiter_plan import RateHeaders, WindowState
-from bastion.tenancy.usage import SpeculationStats
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,8 @@ def test_usage_chunk_is_read_and_stripped_unless_asked() -> None:
         assert (inspect_event(final, tally, keep) is not None) is keep
         assert inspect_event("data: [DONE]\n\n", tally, keep) == "data: [DONE]\n\n"
         assert (tally.prompt_tokens, tally.completion_tokens, tally.chunks, tally.done) == (4, 2, 1, True)
-        assert tally.speculation == SpeculationStats(8, 6, 0, 0.75, 2.5)
+        assert tally.speculation == SpeculationStats(draft_tokens=8, accepted_tokens=6)
+        assert tally.speculation.acceptance_rate == 0.75
 
 
 def test_error_event_is_forwarded_and_noted() -> None:
@@ -51,8 +52,8 @@ def test_error_event_is_forwarded_and_noted() -> None:
 def test_usage_of_non_streaming_body() -> None:
     assert usage_of({"usage": {"prompt_tokens": 3, "completion_tokens": 1}}) == (3, 1, None)
     assert usage_of({}) == (None, None, None)
-    assert SpeculationStats.parse({"num_draft_tokens": True}) == SpeculationStats(0, 0, 0, None, None)
-    assert SpeculationStats.parse("nope") is None
+    assert SpeculationStats.from_response_metrics({"num_draft_tokens": True}) == SpeculationStats()
+    assert SpeculationStats.from_response_metrics("nope") is None
 
 
 def test_request_validation_allows_extra_openai_fields() -> None:

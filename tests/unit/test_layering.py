@@ -26,27 +26,41 @@ import pytest
 pytestmark = pytest.mark.unit
 PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "bastion"
 
-BOTTOM = {"errors", "config", "db", "commandline"}  # commandline: the --config option and console every command shares
+BOTTOM = {"errors", "records", "config", "db", "commandline"}  # commandline: the --config option and console
 DOMAIN = {"tenancy", "audit", "routing", "pool"}
 COMPOSERS = {"cli", "serve"}
 
 # What each part may import from Bastion (besides itself). Anything not listed is forbidden.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "records": set(),  # the request record and speculation statistics every layer reads
     "commandline": set(),
     "config": {"errors"},
     "db": {"config", "errors"},
-    "engine": {"config", "errors", "commandline"},
-    "pool": {"config", "errors", "db", "commandline"},
-    "tenancy": {"config", "errors", "db", "commandline"},
-    "audit": {"config", "errors", "db", "commandline"},
-    "routing": {"config", "errors", "db", "pool"},
-    "telemetry": {"config", "errors"},
-    "gateway": {"config", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry"},
-    "control": {"config", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry", "commandline"},
-    "serve": {"config", "errors", "db", "engine", "tenancy", "audit", "routing", "pool", "telemetry", "gateway"},
+    "engine": {"config", "records", "errors", "commandline"},
+    "pool": {"config", "records", "errors", "db", "commandline"},
+    "tenancy": {"config", "records", "errors", "db", "commandline"},
+    "audit": {"config", "records", "errors", "db", "commandline"},
+    "routing": {"config", "records", "errors", "db", "pool"},
+    "telemetry": {"config", "records", "errors"},
+    "gateway": {"config", "records", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry"},
+    "control": {"config", "records", "errors", "db", "tenancy", "audit", "routing", "pool", "telemetry", "commandline"},
+    "serve": {
+        "config",
+        "records",
+        "errors",
+        "db",
+        "engine",
+        "tenancy",
+        "audit",
+        "routing",
+        "pool",
+        "telemetry",
+        "gateway",
+    },
     "bench": {
         "commandline",
+        "records",
         "config",
         "errors",
         "db",

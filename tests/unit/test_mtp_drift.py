@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bastion.engine.mtp.drift import Baseline, DriftMonitor, check_drift, read_baselines, write_baseline
-from bastion.engine.speculation import SpeculationStats
+from bastion.records import SpeculationStats
 
 pytestmark = pytest.mark.unit
 

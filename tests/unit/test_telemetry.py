@@ -11,10 +11,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
 
+from bastion.records import RequestRecord, SpeculationStats
 from bastion.telemetry.logging import JsonFormatter, configure_logging, request_id_var
 from bastion.telemetry.metrics import OTHER, GatewayMetrics, TenantLabels, merge_expositions
 from bastion.telemetry.tracing import traces_url
-from bastion.tenancy.usage import RequestRecord, SpeculationStats
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +24,7 @@ def record(**kwargs) -> RequestRecord:
         **dict(request_id="r1", tenant_id="t1", key_id="k1", endpoint="chat", model="m1", profile="fast-agentic"),
         **dict(upstream="engine-m1--fast-agentic", routing_reason="default", status=200, error_code=None, stream=True),
         **dict(prompt_tokens=10, completion_tokens=5, started_at=datetime.now(UTC), latency_ms=120.0, ttft_ms=20.0),
-        "speculation": SpeculationStats(12, 9, 4, 0.75, 3.25),
+        "speculation": SpeculationStats(drafts=4, draft_tokens=12, accepted_tokens=9),
     }
     return RequestRecord(**{**base, **kwargs})
 

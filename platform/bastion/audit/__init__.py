@@ -8,6 +8,7 @@ request path in the writer's task.
 from bastion.audit.errors import AuditError, AuditKeyError
 from bastion.audit.events import (
     AdminEvent,
+    AuditSpeculation,
     AuthFailureEvent,
     Event,
     EventBase,
@@ -15,7 +16,6 @@ from bastion.audit.events import (
     ExportEvent,
     InferenceEvent,
     RetentionEvent,
-    SpeculationStats,
     VerifyEvent,
 )
 from bastion.audit.writer import AuditWriter
@@ -24,6 +24,7 @@ __all__ = [
     "AdminEvent",
     "AuditError",
     "AuditKeyError",
+    "AuditSpeculation",
     "AuditWriter",
     "AuthFailureEvent",
     "Event",
@@ -32,6 +33,5 @@ __all__ = [
     "ExportEvent",
     "InferenceEvent",
     "RetentionEvent",
-    "SpeculationStats",
     "VerifyEvent",
 ]

@@ -86,7 +86,10 @@ class EventContent(BaseModel):
     __str__ = __repr__
 
 
-class SpeculationStats(BaseModel):
+class AuditSpeculation(BaseModel):
+    """A request's speculation as the audit row keeps it: `records.SpeculationStats` (same names for the same
+    counts) plus the profile's method, k, and acceptance per draft position as rates (accepted at i ÷ drafts)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str
     num_speculative_tokens: int = Field(ge=0)
@@ -155,7 +158,7 @@ class InferenceEvent(EventBase):
     latency_ms: float = Field(default=0.0, ge=0)
     ttft_ms: float | None = Field(default=None, ge=0)
     stream: bool = False
-    speculation: SpeculationStats | None = None
+    speculation: AuditSpeculation | None = None
     content: EventContent | None = Field(default=None, repr=False)
 
 

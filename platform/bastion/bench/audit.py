@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.audit.events import InferenceEvent, SpeculationStats
+from bastion.audit.events import AuditSpeculation, InferenceEvent
 from bastion.audit.writer import AuditWriter
 
 
@@ -29,7 +29,7 @@ def _event(i: int) -> InferenceEvent:
         completion_tokens=128,
         latency_ms=812.5,
         ttft_ms=41.2,
-        speculation=SpeculationStats(method="mtp", num_speculative_tokens=2, draft_tokens=170, accepted_tokens=120),
+        speculation=AuditSpeculation(method="mtp", num_speculative_tokens=2, draft_tokens=170, accepted_tokens=120),
         client_address="10.0.0.7",
         request_id=f"bench-{i}",
         trace_id=f"{i:032x}",

@@ -17,7 +17,7 @@ from bastion.config.schema import PlatformConfig
 from bastion.engine.engine_args import engine_spec
 from bastion.engine.mtp.acceptance import timed_chat
 from bastion.engine.replica import EngineReplica
-from bastion.engine.speculation import SpeculationStats
+from bastion.records import SpeculationStats
 
 PROMPTS = [
     "List the numbers from 1 to 40, separated by commas.",

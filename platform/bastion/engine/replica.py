@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from bastion.engine.engine_args import EngineSpec, check_mtp
 from bastion.engine.manifest import verify_manifest
-from bastion.engine.speculation import SpeculationStats, engine_totals, load_totals
+from bastion.engine.speculation import engine_totals, load_totals
 from bastion.engine.tracing import ReplicaTracing, request_timings, split_trace
+from bastion.records import SpeculationStats
 
 log = logging.getLogger(__name__)
 Endpoint = Literal["chat", "completion"]

@@ -29,6 +29,7 @@ from bastion.gateway.engine_client import EngineClient
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
 from bastion.pool.live_stats import load_token
+from bastion.records import RequestRecorder
 from bastion.routing.profiles import RoutingPolicy
 from bastion.telemetry import metrics as telemetry_metrics
 from bastion.telemetry.logging import request_id_var
@@ -38,7 +39,7 @@ from bastion.tenancy.auth_failure_guard import AuthFailureGuard
 from bastion.tenancy.authenticator import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.limiter import Limiter
-from bastion.tenancy.usage import RequestRecorder, UsageRecorder, usage_for_tenant
+from bastion.tenancy.usage import UsageRecorder, usage_for_tenant
 
 log = logging.getLogger("bastion.gateway")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -19,13 +19,13 @@ from bastion.db.models import utcnow
 from bastion.gateway.engine_client import Endpoint
 from bastion.gateway.errors import ApiError
 from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
+from bastion.records import SpeculationStats
 from bastion.routing.profiles import RoutingDecision
 from bastion.tenancy import key_material
 from bastion.tenancy.authenticator import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
 from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.limiter_plan import Admission, LimitExceeded, RateHeaders, RedisUnavailable, Subject
-from bastion.tenancy.usage import SpeculationStats
 
 PROFILE_HEADER = "x-bastion-profile"
 _PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # config/schema.py's profile names

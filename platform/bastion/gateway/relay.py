@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from bastion.tenancy.usage import SpeculationStats
+from bastion.records import SpeculationStats
 
 
 @dataclass
@@ -31,7 +31,11 @@ def usage_of(body: dict[str, Any]) -> tuple[int | None, int | None, SpeculationS
         prompt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
         completion = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
     metrics = body.get("metrics")
-    spec = SpeculationStats.parse(metrics.get("speculative_decoding")) if isinstance(metrics, dict) else None
+    spec = (
+        SpeculationStats.from_response_metrics(metrics.get("speculative_decoding"))
+        if isinstance(metrics, dict)
+        else None
+    )
     return prompt, completion, spec
 
 

@@ -24,13 +24,14 @@ from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, 
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
 from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
+from bastion.records import RequestRecord, RequestRecorder
 from bastion.routing.profiles import RouteRequest, RoutingError, RoutingPolicy, choose, split_model
 from bastion.telemetry.tracing import GatewayTracing, RequestTrace, activated
 from bastion.tenancy.authenticator import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.invalidation import InvalidationListener
 from bastion.tenancy.limiter import Limiter
-from bastion.tenancy.usage import RequestRecord, RequestRecorder, UsageRecorder
+from bastion.tenancy.usage import UsageRecorder
 
 log = logging.getLogger("bastion.gateway")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -7,10 +7,10 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from bastion.audit.recorder import AuditRecorder
 from bastion.audit.service import build_writer
 from bastion.config import load_config
 from bastion.gateway.app import create_app
-from bastion.gateway.audit_recorder import AuditRecorder
 from bastion.gateway.combined_client import CombinedEngineClient
 from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
@@ -36,8 +36,7 @@ class GatewayIngress:
         engine = CombinedEngineClient([self.client, self.external]) if self.config.external_replicas else self.client
         self.engine = engine
         self.audit = await build_writer(self.config).start()
-        methods = {name: p.speculative.method for name, p in self.config.profiles.items()}
-        self.recorder = AuditRecorder(self.audit, methods)
+        self.recorder = AuditRecorder(self.audit, self.config.profiles)
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.config, self.engine, recorders=[self.recorder])

@@ -193,7 +193,7 @@ class GatewayMetrics:
     # --- the recorder ------------------------------------------------------------------------------------
 
     def record(self, record: Any) -> None:
-        """Take a RequestRecord (tenancy.usage); never raises into the request."""
+        """Take a RequestRecord (records.py); never raises into the request."""
         if record.endpoint not in _INFERENCE:
             return
         profile, model = record.profile or "", record.model or ""
@@ -216,10 +216,10 @@ class GatewayMetrics:
                 gap = (record.latency_ms - record.ttft_ms) / 1000 / (record.completion_tokens - 1)
                 child(self.itl, profile, model).observe(max(gap, 0.0))
         spec = record.speculation
-        if spec is not None and (spec.num_spec_steps or spec.num_draft_tokens):
-            child(self.spec_steps, tenant, profile, model).inc(spec.num_spec_steps)
-            child(self.spec_drafted, tenant, profile, model).inc(spec.num_draft_tokens)
-            child(self.spec_accepted, tenant, profile, model).inc(spec.num_accepted_tokens)
+        if spec is not None and (spec.drafts or spec.draft_tokens):
+            child(self.spec_steps, tenant, profile, model).inc(spec.drafts)
+            child(self.spec_drafted, tenant, profile, model).inc(spec.draft_tokens)
+            child(self.spec_accepted, tenant, profile, model).inc(spec.accepted_tokens)
 
 
 def merge_expositions(parts: Iterable[tuple[Mapping[str, str], str]]) -> bytes:

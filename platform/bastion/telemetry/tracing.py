@@ -104,8 +104,8 @@ class RequestTrace:
         if record.error_code:
             attributes["error.type"] = record.error_code
         if record.speculation is not None:
-            attributes["bastion.speculation.draft_tokens"] = record.speculation.num_draft_tokens
-            attributes["bastion.speculation.accepted_tokens"] = record.speculation.num_accepted_tokens
+            attributes["bastion.speculation.draft_tokens"] = record.speculation.draft_tokens
+            attributes["bastion.speculation.accepted_tokens"] = record.speculation.accepted_tokens
         root.set_attributes(attributes)
         if record.status >= 500:
             root.set_status(Status(StatusCode.ERROR))

@@ -1,4 +1,4 @@
-"""Usage accounting: one RequestRecord per request, handed to recorders, and the batched usage-counter writer.
+"""Usage accounting: the batched usage-counter writer, one of the recorders each RequestRecord (records.py) goes to.
 
 `RequestRecorder.record()` must not block or raise: the gateway calls it on the request path after the response
 is done. The audit writer implements the same protocol; `UsageRecorder` aggregates records in memory and
@@ -9,9 +9,7 @@ transaction per flush, so the database sees a few statements a second rather tha
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -19,74 +17,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import KeyUsageCounter, UsageCounter, utcnow
+from bastion.records import RequestRecord
 from bastion.tenancy.budgets import day_period, month_period
-
-
-@dataclass(frozen=True)
-class SpeculationStats:
-    """From vLLM's `metrics.speculative_decoding` (per-request summary)."""
-
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_spec_steps: int = 0
-    acceptance_rate: float | None = None
-    mean_acceptance_length: float | None = None
-
-    @classmethod
-    def parse(cls, data: Any) -> SpeculationStats | None:
-        if not isinstance(data, dict):
-            return None
-
-        def num(*names: str) -> float | None:
-            for name in names:
-                value = data.get(name)
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    return value
-            return None
-
-        drafts = int(num("num_draft_tokens") or 0)
-        accepted = int(num("num_accepted_draft_tokens", "num_accepted_tokens") or 0)
-        rate = num("draft_acceptance_rate", "acceptance_rate")
-        if rate is None and drafts:
-            rate = accepted / drafts
-        return cls(drafts, accepted, int(num("num_spec_steps") or 0), rate, num("mean_acceptance_length"))
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """Everything Bastion keeps about one request: no prompt or completion text, no secrets."""
-
-    request_id: str
-    tenant_id: str | None
-    key_id: str | None
-    endpoint: str  # chat | completion | models | usage
-    model: str | None
-    profile: str | None
-    upstream: str | None
-    routing_reason: str | None
-    status: int
-    error_code: str | None
-    stream: bool
-    prompt_tokens: int
-    completion_tokens: int
-    started_at: datetime
-    latency_ms: float
-    ttft_ms: float | None = None
-    speculation: SpeculationStats | None = None
-    key_prefix: str | None = None  # the public part of the presented key, also when it was refused
-    client_address: str | None = None
-    replica: str | None = None  # `upstream#replica-id` when the upstream named the replica that served it
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-class RequestRecorder(Protocol):
-    def record(self, record: RequestRecord) -> None:
-        """Take the record without blocking (queue it); never raise into the request."""
-        ...
 
 
 @dataclass
@@ -118,8 +50,8 @@ class UsageRecorder:
             bucket.prompt_tokens += record.prompt_tokens
             bucket.completion_tokens += record.completion_tokens
             if record.speculation is not None:
-                bucket.draft_tokens += record.speculation.num_draft_tokens
-                bucket.accepted_tokens += record.speculation.num_accepted_tokens
+                bucket.draft_tokens += record.speculation.draft_tokens
+                bucket.accepted_tokens += record.speculation.accepted_tokens
             if record.key_id is not None:
                 totals = self._keys[(record.key_id, period)]
                 totals[0] += 1

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bastion.engine.mtp.train import TASKS, load_prompts
-from bastion.engine.speculation import SpeculationStats
+from bastion.records import SpeculationStats
 
 if TYPE_CHECKING:
     from bastion.engine.replica import EngineReplica

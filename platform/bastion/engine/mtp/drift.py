@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bastion.engine.speculation import SpeculationStats
+from bastion.records import SpeculationStats
 
 BASELINE_FILE = "mtp-acceptance-baseline.json"
 
