@@ -19,7 +19,7 @@ import idp_harness as h
 
 from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, upstreams_for
 from bastion.control.app import create_app
-from bastion.gateway.app import create_app as create_gateway
+from bastion.serve.gateway_app import create_gateway_app as create_gateway
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

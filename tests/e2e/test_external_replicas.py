@@ -115,10 +115,10 @@ class GatewayThread:
         from bastion.audit.recorder import AuditRecorder
         from bastion.audit.service import build_writer
         from bastion.bench.doubles import ScriptedEngine
-        from bastion.gateway.app import create_app
         from bastion.gateway.combined_client import CombinedEngineClient
         from bastion.gateway.engine_client import UpstreamInfo
         from bastion.gateway.external import ExternalEngineClient
+        from bastion.serve.gateway_app import create_gateway_app
 
         try:
             audit = await build_writer(self.config).start()
@@ -128,7 +128,7 @@ class GatewayThread:
                 [UpstreamInfo(OTHER, MODEL, "fast-agentic", 1024, 8)], words=["scripted"] * 40, record_bodies=False
             )
             engine = CombinedEngineClient([self.external, other])
-            app = create_app(
+            app = create_gateway_app(
                 self.config, engine, recorders=[AuditRecorder(audit, self.config.profiles)], flush_interval_s=0.2
             )
             config = uvicorn.Config(app, host="127.0.0.1", port=GATEWAY_PORT, log_level="warning")

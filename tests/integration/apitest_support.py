@@ -93,7 +93,7 @@ def served_gateway(
 ) -> Iterator[Gateway]:
     """The gateway app under uvicorn on 127.0.0.1 (its database engine and Redis clients live in its loop)."""
     from bastion.config.schema import PlatformConfig
-    from bastion.gateway.app import create_app
+    from bastion.serve.gateway_app import create_gateway_app
 
     base = platform_config(str(tmp), database_url, ["m1", "m2"], redis_url=redis_url, **config)
     if auth:
@@ -101,6 +101,6 @@ def served_gateway(
         data["auth"] = {**data.get("auth", {}), **auth}
         base = PlatformConfig.model_validate(data)
     engine = ScriptedEngine(upstreams_for(["m1", "m2"]))
-    app = create_app(base, engine, pepper=TEST_PEPPER)
+    app = create_gateway_app(base, engine, pepper=TEST_PEPPER)
     with h.ServerThread(app, h.free_port()) as server:
         yield Gateway(server.url, app, engine, database_url)

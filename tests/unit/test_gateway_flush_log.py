@@ -11,7 +11,7 @@ import pytest
 
 from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, platform_config, upstreams_for
 from bastion.gateway import service
-from bastion.gateway.app import create_app
+from bastion.serve.gateway_app import create_gateway_app
 
 pytestmark = pytest.mark.unit
 
@@ -20,7 +20,7 @@ async def test_a_failing_flush_is_logged_once_a_minute(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = platform_config(str(tmp_path), f"sqlite+aiosqlite:///{tmp_path / 'g.db'}", ["m"])
-    gateway = create_app(config, ScriptedEngine(upstreams_for(["m"])), pepper=TEST_PEPPER).state.gateway
+    gateway = create_gateway_app(config, ScriptedEngine(upstreams_for(["m"])), pepper=TEST_PEPPER).state.gateway
     down = True
 
     async def flush() -> int:

@@ -1,6 +1,6 @@
 """A bare relay of the same engine client: no auth, limits, routing or usage. Only for measuring the gateway's
-own overhead (`bench/gateway.py`) — never serve this. Built on the gateway's own app (`policy_enabled=False`:
-middleware, error handlers, /metrics) so only the policy differs."""
+own overhead (`bench/gateway.py`) — never serve this. Built on the gateway's own app
+(`create_gateway_app(policy_enabled=False)`: middleware, error handlers, /metrics) so only the policy differs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.config.schema import PlatformConfig
-from bastion.gateway.app import add_inference_routes, create_app
+from bastion.gateway.app import add_inference_routes
 from bastion.gateway.engine_client import Endpoint, EngineClient
 from bastion.gateway.relay import upstream_body
+from bastion.serve.gateway_app import create_gateway_app
 
 
 def add_bare_routes(app: FastAPI, engine: EngineClient) -> None:
@@ -36,7 +37,7 @@ def add_bare_routes(app: FastAPI, engine: EngineClient) -> None:
 
 
 def bare_app(config: PlatformConfig, engine: EngineClient, **options: Any) -> FastAPI:
-    """The gateway app without its policy: `create_app(policy_enabled=False)` plus the bare relay routes."""
-    app = create_app(config, engine, policy_enabled=False, **options)
+    """The gateway app without its policy: `create_gateway_app(policy_enabled=False)` plus the bare relay routes."""
+    app = create_gateway_app(config, engine, policy_enabled=False, **options)
     add_bare_routes(app, engine)
     return app

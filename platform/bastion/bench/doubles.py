@@ -56,6 +56,12 @@ class ScriptedEngine:
     def upstreams(self) -> list[UpstreamInfo]:
         return list(self.upstream_list)
 
+    async def engine_metrics(self) -> list[tuple[UpstreamInfo, str]]:
+        return []  # a scripted engine keeps no counters
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
     def _check(self, upstream: str) -> UpstreamInfo:
         info = next((u for u in self.upstream_list if u.name == upstream), None)
         if info is None or upstream in self.unavailable:
@@ -251,12 +257,12 @@ class Stack:
 async def gateway_stack(config, engine: ScriptedEngine, **app_kwargs: Any) -> AsyncIterator[Stack]:
     """Build an app over the config's database (already migrated) and close everything afterwards."""
     from bastion.db.session import create_engine, session_factory
-    from bastion.gateway.app import create_app
+    from bastion.serve.gateway_app import create_gateway_app
 
     db = create_engine(config.database.url)
     sessions = session_factory(db)
     app_kwargs.setdefault("pepper", TEST_PEPPER)
-    app = create_app(config, engine, sessions=sessions, **app_kwargs)
+    app = create_gateway_app(config, engine, sessions=sessions, **app_kwargs)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test")
     try:
         yield Stack(app, sessions, client, app_kwargs.get("redis_url") or config.redis.url)

@@ -57,7 +57,7 @@ def serve(
     from bastion.bench.bare import bare_app
     from bastion.bench.doubles import TEST_PEPPER, ScriptedEngine, upstreams_for
     from bastion.bench.gateway_http import HttpEngine, engine_app
-    from bastion.gateway.app import create_app
+    from bastion.serve.gateway_app import create_gateway_app
 
     if mode == "engine":
         uvicorn.run(
@@ -73,7 +73,7 @@ def serve(
         if engine_url
         else ScriptedEngine(upstreams_for([MODEL], ongoing=10_000), record_bodies=False, delay_s=engine_delay_ms / 1000)
     )
-    build = create_app if mode == "policy" else bare_app
+    build = create_gateway_app if mode == "policy" else bare_app
     app = build(_config(data_dir, database_url, redis_url), engine, pepper=TEST_PEPPER)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 

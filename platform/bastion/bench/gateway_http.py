@@ -80,6 +80,14 @@ class HttpEngine:
     def upstreams(self) -> list[UpstreamInfo]:
         return list(self._upstreams)
 
+    async def engine_metrics(self) -> list[tuple[UpstreamInfo, str]]:
+        return []
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
     async def count_prompt_tokens(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> int:
         return count_words(body)
 

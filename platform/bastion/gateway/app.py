@@ -1,9 +1,9 @@
-"""The data-plane app: `create_app(config, engine_client)` builds the same FastAPI app for Ray Serve and tests.
+"""The data-plane app's HTTP surface: routes, error handlers, request ids, `/metrics`, over a GatewayService.
 
-Wiring (serve/): pass the platform config and an EngineClient; optionally a session factory (else one is made
-from config.database.url), a Redis URL (else config.redis.url; None means in-process limits), and recorders
-such as the audit writer. `policy_enabled=False` mounts no inference routes: the benchmark's bare relay
-(`bench/bare.py`) mounts its own on that app, so the gateway never imports a benchmark.
+It opens nothing: the database, limiter, authenticator and recorders are composed in `serve/gateway_app.py`
+(`create_gateway_app(config, engine_client)`, the same for Ray Serve and tests). `policy_enabled=False` mounts no
+inference routes: the benchmark's bare relay (`bench/bare.py`) mounts its own on that app, so the gateway never
+imports a benchmark.
 """
 
 from __future__ import annotations
@@ -17,29 +17,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.config.schema import PlatformConfig
-from bastion.config.token_files import bearer_matches, read_token
-from bastion.db.session import create_engine, session_factory
+from bastion.config.token_files import bearer_matches
 from bastion.gateway import openapi, policy
-from bastion.gateway.engine_client import EngineClient
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
-from bastion.pool.live_stats import load_token
-from bastion.records import RequestRecorder
-from bastion.routing.profiles import RoutingPolicy
 from bastion.telemetry import metrics as telemetry_metrics
 from bastion.telemetry.logging import request_id_var
 from bastion.telemetry.tracing import GatewayTracing
-from bastion.tenancy import key_material
-from bastion.tenancy.auth_failure_guard import AuthFailureGuard
-from bastion.tenancy.authenticator import Authenticator
-from bastion.tenancy.budgets import BudgetTracker
-from bastion.tenancy.limiter import Limiter
-from bastion.tenancy.usage import UsageRecorder, usage_for_tenant
 
 log = logging.getLogger("bastion.gateway")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -73,15 +61,6 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def metrics_token_of(config: PlatformConfig) -> str:
-    """`telemetry.metrics_token_file`, else the internal token the gateway already shares with the control plane
-    (`control.pool_stats_token_file`, a Secret in the Helm chart): one more file only for who wants one."""
-    configured = config.telemetry.metrics_token_file
-    if configured is None:
-        return load_token(config)
-    return read_token(configured, "telemetry.metrics_token_file")
-
-
 def add_inference_routes(app: FastAPI, chat: Handler, completions: Handler) -> None:
     """Plain Starlette routes: the handlers read the body themselves, so FastAPI's dependency solving (~20 µs
     per request) would buy nothing; their schema is `openapi.py`'s document."""
@@ -95,63 +74,20 @@ def _rid(request: Request) -> str:
 
 def create_app(
     config: PlatformConfig,
-    engine_client: EngineClient,
+    gateway: GatewayService,
     *,
-    sessions: async_sessionmaker[AsyncSession] | None = None,
-    redis_url: str | None = None,
-    recorders: Sequence[RequestRecorder] = (),
-    pepper: bytes | None = None,
-    routing: RoutingPolicy | None = None,
-    auth_cache_ttl_s: float = 0.5,
-    flush_interval_s: float = 1.0,
-    policy_enabled: bool = True,
+    metrics: telemetry_metrics.GatewayMetrics,
+    metrics_token: str,
     tracing: GatewayTracing | None = None,
+    on_close: Sequence[Callable[[], Awaitable[None]]] = (),
+    policy_enabled: bool = True,
 ) -> FastAPI:
-    """Build the gateway app. The returned app's `state.gateway` is the GatewayService (tests flush/close it),
-    `state.metrics` its GatewayMetrics (own registry, at `/metrics`), `state.tracing` its tracer or None
-    (built from `telemetry.otlp_endpoint` unless given)."""
-    owned_engine = None
-    if sessions is None:
-        owned_engine = create_engine(config.database.url)
-        sessions = session_factory(owned_engine)
-    redis_url = redis_url if redis_url is not None else config.redis.url
-    if pepper is None:
-        pepper = key_material.load_pepper(config.auth.api_key_pepper_file, config.data_dir)
-    limiter = Limiter(
-        redis_url, when_unavailable=config.redis.when_unavailable, tenant_policies=config.redis.tenant_policies
-    )
-    budgets = BudgetTracker(sessions, limiter.redis)
-    metrics = telemetry_metrics.GatewayMetrics(config.telemetry.max_tenant_labels)
-    tracing = tracing or GatewayTracing.from_config(config.telemetry)
-    guard = AuthFailureGuard(
-        redis_url or None,
-        config.auth.failed_auth_limit,
-        config.auth.failed_auth_window_s,
-        service="gateway",
-        registry=metrics.registry,
-    )
-    gateway = GatewayService(
-        engine_client,
-        Authenticator(
-            sessions,
-            pepper,
-            config.tenant_defaults,
-            ttl=auth_cache_ttl_s,
-            stale_s=config.gateway.key_cache_when_db_down_s,
-            guard=guard,
-        ),
-        limiter,
-        budgets,
-        UsageRecorder(sessions),
-        [*recorders, metrics],
-        max_body_bytes=config.gateway.max_body_bytes,
-        routing=routing,
-        flush_interval_s=flush_interval_s,
-        redis_url=redis_url or None,
-        tracing=tracing,
-    )
-    metrics.watch_in_flight(lambda: gateway.in_flight)
-    metrics.watch_limiter(limiter)
+    """The gateway's HTTP surface over a composed GatewayService (`serve/gateway_app.py` composes one).
+
+    The returned app's `state.gateway` is the GatewayService (tests flush/close it), `state.metrics` its
+    GatewayMetrics (own registry, at `/metrics`), `state.tracing` its tracer or None. The lifespan starts the
+    service and, on shutdown, closes it, then runs `on_close` (what the composer opened), then ends tracing."""
+    engine_client = gateway.engine
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -160,14 +96,13 @@ def create_app(
             yield
         finally:
             await gateway.aclose()
-            if owned_engine is not None:
-                await owned_engine.dispose()
+            for close in on_close:
+                await close()
             if tracing is not None:
                 tracing.shutdown()
 
     app = FastAPI(title="Bastion gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gateway = gateway
-    app.state.sessions = sessions
     app.state.metrics = metrics
     app.state.tracing = tracing
     app.add_middleware(RequestIdMiddleware)
@@ -202,7 +137,7 @@ def create_app(
 
     # Metrics name tenants and their usage: only Prometheus, with its own token, may read them (tenants' API
     # keys reach this port); anyone else gets the 404 of an unknown path.
-    metrics_token = app.state.metrics_token = metrics_token_of(config)  # state: tests scrape in process
+    app.state.metrics_token = metrics_token  # tests scrape in process
 
     def scraper(request: Request) -> bool:
         return bearer_matches(metrics_token, request.headers.get("authorization"))
@@ -213,15 +148,12 @@ def create_app(
             return ApiError(404, "Not Found", code="not_found").response()
         return Response(metrics.render(), media_type=telemetry_metrics.CONTENT_TYPE)
 
-    engine_metrics = getattr(engine_client, "engine_metrics", None)
-    if engine_metrics is not None:
-
-        @app.get("/metrics/engines")
-        async def prometheus_engine_metrics(request: Request) -> Response:
-            if not scraper(request):
-                return ApiError(404, "Not Found", code="not_found").response()
-            parts = [({"upstream": info.name}, text) for info, text in await engine_metrics()]
-            return Response(telemetry_metrics.merge_expositions(parts), media_type=telemetry_metrics.CONTENT_TYPE)
+    @app.get("/metrics/engines")
+    async def prometheus_engine_metrics(request: Request) -> Response:
+        if not scraper(request):
+            return ApiError(404, "Not Found", code="not_found").response()
+        parts = [({"upstream": info.name}, text) for info, text in await engine_client.engine_metrics()]
+        return Response(telemetry_metrics.merge_expositions(parts), media_type=telemetry_metrics.CONTENT_TYPE)
 
     if not policy_enabled:
         return app
@@ -255,7 +187,7 @@ def create_app(
         if period is not None and not re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", period):
             raise ApiError(400, "period is YYYY-MM or YYYY-MM-DD", param="period", code="invalid_value")
         await gateway.usage.flush()
-        rows = await usage_for_tenant(sessions, principal.tenant_id, periods=[period] if period else None)
+        rows = await gateway.usage.for_tenant(principal.tenant_id, periods=[period] if period else None)
         return JSONResponse(
             {
                 "object": "usage",

@@ -58,16 +58,12 @@ class CombinedEngineClient:
     async def engine_metrics(self) -> list[tuple[UpstreamInfo, str]]:
         out: list[tuple[UpstreamInfo, str]] = []
         for client in self.clients:
-            metrics = getattr(client, "engine_metrics", None)
-            if metrics is not None:
-                out.extend(await metrics())
+            out.extend(await client.engine_metrics())
         return out
 
     async def aclose(self) -> None:
         for client in self.clients:
-            close = getattr(client, "aclose", None)
-            if close is not None:
-                await close()
+            await client.aclose()
 
 
 def with_external(client: EngineClient, external: Any) -> EngineClient:

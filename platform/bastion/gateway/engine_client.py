@@ -74,3 +74,12 @@ class EngineClient(Protocol):
         profiles, `metrics.speculative_decoding`. Errors mid-stream arrive as a `data: {"error": ...}` event.
         """
         ...
+
+    async def engine_metrics(self) -> list[tuple[UpstreamInfo, str]]:
+        """Each upstream's own Prometheus text (vLLM's counters), for the gateway's `/metrics/engines`; an
+        unreachable upstream is left out, and a client whose engines keep no metrics returns []."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the client holds (connections, health checks); a client that holds nothing does nothing."""
+        ...

@@ -10,11 +10,11 @@ from ray.serve.handle import DeploymentHandle
 from bastion.audit.recorder import AuditRecorder
 from bastion.audit.service import build_writer
 from bastion.config import load_config
-from bastion.gateway.app import create_app
 from bastion.gateway.combined_client import CombinedEngineClient
 from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
 from bastion.pool.live_stats import load_token
+from bastion.serve.gateway_app import create_gateway_app
 from bastion.serve.pool_stats import add_pool_stats_route
 from bastion.serve.ray_engine_client import RayEngineClient
 from bastion.telemetry.logging import configure_logging
@@ -39,7 +39,7 @@ class GatewayIngress:
         self.recorder = AuditRecorder(self.audit, self.config.profiles)
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self.config, self.engine, recorders=[self.recorder])
+        app = create_gateway_app(self.config, self.engine, recorders=[self.recorder])
         app.state.metrics.watch_audit(self.audit)
         add_pool_stats_route(app, load_token(self.config))  # the control plane's live pool view
         return app

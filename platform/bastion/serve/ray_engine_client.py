@@ -83,6 +83,9 @@ class RayEngineClient:
                 log.warning("metrics of %s unavailable: %s", info.name, type(exc).__name__)
         return out
 
+    async def aclose(self) -> None:
+        """Nothing to release: Serve owns the handles."""
+
     async def stream(
         self, upstream: str, endpoint: Endpoint, body: dict[str, Any], *, session_id: str | None = None
     ) -> AsyncIterator[str]:

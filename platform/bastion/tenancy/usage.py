@@ -57,6 +57,10 @@ class UsageRecorder:
                 totals[0] += 1
                 totals[1] += record.total_tokens
 
+    async def for_tenant(self, tenant_id: str, *, periods: list[str] | None = None) -> list[UsageRow]:
+        """The tenant's counters as written so far (the gateway's `/v1/usage` flushes first)."""
+        return await usage_for_tenant(self._sessions, tenant_id, periods=periods)
+
     @property
     def pending(self) -> int:
         return len(self._pending)
