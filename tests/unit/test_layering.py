@@ -242,6 +242,31 @@ def test_allowed_table_follows_the_written_rule() -> None:
     assert composers_only <= COMPOSERS | {"bench"}, f"only cli and bench may use serve: {composers_only}"
 
 
+# Query builders: a module importing one writes SQL. The front ends (gateway, control) read and change data
+# through the domain services (tenancy, audit), which own the queries.
+SQL_BUILDERS = {"select", "insert", "update", "delete", "func", "text", "and_", "or_"}
+
+
+def sql_in(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sqlalchemy":
+            if node.module.startswith("sqlalchemy.dialects"):
+                found.add(node.module)
+            found |= {alias.name for alias in node.names} & SQL_BUILDERS
+    return found
+
+
+def test_front_ends_write_no_sql() -> None:
+    offenders = [
+        f"{path.relative_to(PACKAGE)}: {sorted(found)}"
+        for part in ("gateway", "control")
+        for path in sorted((PACKAGE / part).rglob("*.py"))
+        if (found := sql_in(path))
+    ]
+    assert not offenders, "SQL outside the domain services:\n" + "\n".join(offenders)
+
+
 # --- the test of the test: a small synthetic package ------------------------------------------------------
 
 
@@ -286,6 +311,12 @@ def test_a_longer_cycle_and_an_acyclic_package(tmp_path: Path) -> None:
     assert find_cycles(import_graph(looped)) == [["bastion.x", "bastion.y", "bastion.z", "bastion.x"]]
     acyclic = _package(tmp_path / "two", {"x.py": "import bastion.y\n", "y.py": "import bastion.z\n", "z.py": ""})
     assert find_cycles(import_graph(acyclic)) == []
+
+
+def test_a_query_is_found(tmp_path: Path) -> None:
+    module = tmp_path / "view.py"
+    module.write_text("from sqlalchemy import func, select\nfrom sqlalchemy.ext.asyncio import AsyncEngine\n")
+    assert sql_in(module) == {"func", "select"}
 
 
 def test_an_upward_import_is_a_violation(tmp_path: Path) -> None:

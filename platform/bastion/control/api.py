@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from bastion.audit.search import AuditQuery
 from bastion.config.schema import LimitsConfig
 from bastion.control import audit_view, pool_view
 from bastion.control.admin import key_view, parse_time, tenant_view
@@ -17,6 +18,7 @@ from bastion.control.deps import api_principal, context
 from bastion.control.errors import bad_request, not_found
 from bastion.control.principal import Principal
 from bastion.pool.catalog import PoolError
+from bastion.tenancy.usage import acceptance_by_profile
 
 
 class ErrorDetail(BaseModel):
@@ -219,7 +221,7 @@ async def audit_events(
 ) -> list[dict[str, Any]]:
     ctx = context(request)
     scope = await ctx.admin.audit_scope(who, tenant)
-    query = audit_view.AuditQuery(
+    query = AuditQuery(
         tenant_id=scope,
         kind=kind or None,
         actor=actor or None,
@@ -285,7 +287,7 @@ async def pool_live(request: Request, who: Who) -> dict[str, Any]:
 async def acceptance(request: Request, who: Who, days: int = Query(default=30, ge=1, le=366)) -> dict[str, Any]:
     ctx = context(request)
     ctx.admin.require(who)
-    return await pool_view.acceptance_by_profile(ctx.admin.sessions, days)
+    return await acceptance_by_profile(ctx.admin.sessions, days)
 
 
 @router.get("/pool/capacity")

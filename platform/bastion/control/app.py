@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import ValidationError
-from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,7 +33,7 @@ from bastion.control.oidc import OidcLogin
 from bastion.control.session import CookieCodec, key_from_file, key_from_secret
 from bastion.control.settings import ControlSettings
 from bastion.control.tokens import TokenVerifier
-from bastion.db.session import create_engine, session_factory
+from bastion.db.session import create_engine, ping, session_factory
 from bastion.pool.live_poller import PoolStatsPoller
 from bastion.pool.live_stats import ReplicaStatsProvider, load_token, no_live_stats
 from bastion.tenancy import key_material
@@ -230,8 +229,7 @@ def create_app(
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
         try:
-            async with db.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            await ping(db)
         except Exception as exc:
             log.warning("not ready: database %s", type(exc).__name__)
             return JSONResponse({"status": "database unavailable"}, status_code=503)

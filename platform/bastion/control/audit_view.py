@@ -1,4 +1,4 @@
-"""Audit search (read-only, newest first, keyset-paged) and signed exports packed as a zip for download.
+"""The console's audit page: search (`audit/search.py`) and signed exports packed as a zip for download.
 
 Exports go through `bastion.audit.service.export`, which signs the manifest and records an `export` event with
 the actor. The zip and a small metadata file (who, which tenant) wait in `data_dir/console-exports/`; a
@@ -13,77 +13,29 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bastion.audit import search as audit_search
 from bastion.audit import service as audit_service
 from bastion.audit.errors import AuditError, AuditKeyError
-from bastion.audit.events import KINDS
-from bastion.audit.store import EVENTS
+from bastion.audit.search import AuditQuery, AuditQueryError
 from bastion.config import PlatformConfig
 from bastion.control.errors import ControlError, bad_request
 
 EXPORT_DIR = "console-exports"
-MAX_PAGE = 500
 KEEP_EXPORTS_S = 86_400.0
 
 
-@dataclass(frozen=True)
-class AuditQuery:
-    tenant_id: str | None = None
-    kind: str | None = None
-    actor: str | None = None
-    start: datetime | None = None
-    end: datetime | None = None
-    before_id: int | None = None
-    limit: int = 100
-
-    def check(self) -> None:
-        if self.kind is not None and self.kind not in KINDS:
-            raise bad_request(f"kind must be one of {', '.join(KINDS)}")
-        if not 1 <= self.limit <= MAX_PAGE:
-            raise bad_request(f"limit must be 1..{MAX_PAGE}")
-
-
 async def search(engine: AsyncEngine, q: AuditQuery) -> list[dict[str, Any]]:
-    """Events matching the filters, newest first; content (encrypted prompts) is never returned here."""
-    q.check()
-    cols = [c for c in EVENTS.c if c.name != "content"]
-    query = select(*cols)
-    if q.tenant_id is not None:
-        query = query.where(EVENTS.c.tenant_id == q.tenant_id)
-    if q.kind is not None:
-        query = query.where(EVENTS.c.kind == q.kind)
-    if q.actor:
-        query = query.where(EVENTS.c.actor == q.actor)
-    if q.start is not None:
-        query = query.where(EVENTS.c.occurred_at >= q.start)
-    if q.end is not None:
-        query = query.where(EVENTS.c.occurred_at < q.end)
-    if q.before_id is not None:
-        query = query.where(EVENTS.c.id < q.before_id)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(query.order_by(EVENTS.c.id.desc()).limit(q.limit))).mappings().all()
-    return [
-        {
-            "id": r["id"],
-            "occurred_at": r["occurred_at"].isoformat(),
-            "kind": r["kind"],
-            "tenant_id": r["tenant_id"],
-            "actor": r["actor"],
-            "request_id": r["request_id"],
-            "chain_id": r["chain_id"],
-            "sequence": r["sequence"],
-            "hash": r["hash"],
-            "payload": r["payload"] or {},
-        }
-        for r in rows
-    ]
+    """`audit.search.search`, its filter errors as the admin API's 422."""
+    try:
+        return await audit_search.search(engine, q)
+    except AuditQueryError as exc:
+        raise bad_request(str(exc)) from None
 
 
 def _exports(config: PlatformConfig) -> Path:

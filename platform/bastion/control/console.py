@@ -16,6 +16,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from bastion.audit.events import KINDS
+from bastion.audit.search import AuditQuery
 from bastion.config.schema import LimitsConfig
 from bastion.control import audit_view, pool_view
 from bastion.control.admin import key_view, parse_time, tenant_view
@@ -24,6 +26,7 @@ from bastion.control.errors import ControlError, not_found
 from bastion.control.local_admin import check_local_admin
 from bastion.control.principal import PLATFORM_ADMIN, Principal
 from bastion.control.session import LOGIN_COOKIE, SESSION_COOKIE, csrf_ok
+from bastion.tenancy.usage import acceptance_by_profile
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -316,7 +319,7 @@ async def audit_page(
     who, data = _who(request)
     admin = context(request).admin
     scope = await admin.audit_scope(who, tenant or None)
-    query = audit_view.AuditQuery(
+    query = AuditQuery(
         tenant_id=scope,
         kind=kind or None,
         actor=actor or None,
@@ -325,7 +328,7 @@ async def audit_page(
     )
     events = await audit_view.search(admin.engine, query)
     filters = {"tenant": tenant, "kind": kind, "actor": actor, "time_from": time_from, "time_to": time_to}
-    return _page(request, "audit.html", data, who, events=events, filters=filters, kinds=audit_view.KINDS, export=None)
+    return _page(request, "audit.html", data, who, events=events, filters=filters, kinds=KINDS, export=None)
 
 
 @router.post("/console/audit/export")
@@ -339,9 +342,9 @@ async def audit_export(
     if fmt not in ("jsonl", "csv", "parquet"):
         fmt = "jsonl"
     meta = await audit_view.run_export(admin.config, fmt, actor=who.actor, tenant_id=scope, start=None, end=None)
-    events = await audit_view.search(admin.engine, audit_view.AuditQuery(tenant_id=scope))
+    events = await audit_view.search(admin.engine, AuditQuery(tenant_id=scope))
     filters = {"tenant": tenant, "kind": "", "actor": "", "time_from": "", "time_to": ""}
-    return _page(request, "audit.html", data, who, events=events, filters=filters, kinds=audit_view.KINDS, export=meta)
+    return _page(request, "audit.html", data, who, events=events, filters=filters, kinds=KINDS, export=meta)
 
 
 @router.get("/console/audit/exports/{export_id}")
@@ -380,7 +383,7 @@ async def pool_page(request: Request) -> Response:
     ctx.admin.require(who)
     pool = await pool_view.pool_status(ctx.admin.config, ctx.stats)
     live_chart = _live_chart(pool_view.live_history(ctx.stats))
-    acceptance = await pool_view.acceptance_by_profile(ctx.admin.sessions)
+    acceptance = await acceptance_by_profile(ctx.admin.sessions)
     chart = {
         "type": "line",
         "labels": acceptance["periods"],

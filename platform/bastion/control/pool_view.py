@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.config import PlatformConfig
-from bastion.db.models import UsageCounter
 from bastion.pool.architecture import Architecture, architecture_from_hf, load_hf_config
 from bastion.pool.catalog import PoolError, gpu_classes
 from bastion.pool.catalog import select as select_gpus
@@ -84,29 +81,6 @@ def live_history(provider: ReplicaStatsProvider) -> dict[str, Any] | None:
     """Recent tok/s and acceptance per profile, one point per poll, where the provider keeps a history."""
     history = getattr(provider, "history", None)
     return history() if callable(history) else None
-
-
-async def acceptance_by_profile(sessions: async_sessionmaker[AsyncSession], days: int = 30) -> dict[str, Any]:
-    """Per profile and day: accepted ÷ drafted speculative tokens over all tenants (None on days without drafts)."""
-    query = (
-        select(
-            UsageCounter.period,
-            UsageCounter.profile,
-            func.sum(UsageCounter.draft_tokens),
-            func.sum(UsageCounter.accepted_tokens),
-        )
-        .where(func.length(UsageCounter.period) == 10)
-        .group_by(UsageCounter.period, UsageCounter.profile)
-        .order_by(UsageCounter.period)
-    )
-    async with sessions() as session:
-        rows = (await session.execute(query)).all()
-    periods = sorted({r[0] for r in rows})[-days:]
-    series: dict[str, dict[str, float | None]] = defaultdict(dict)
-    for period, profile, drafts, accepted in rows:
-        if period in periods:
-            series[profile or "-"][period] = (accepted or 0) / drafts if drafts else None
-    return {"periods": periods, "profiles": {p: [v.get(d) for d in periods] for p, v in series.items()}}
 
 
 class PlanRequest(BaseModel):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -156,3 +157,26 @@ async def usage_for_tenant(
         )
         for r in rows
     ]
+
+
+async def acceptance_by_profile(sessions: async_sessionmaker[AsyncSession], days: int = 30) -> dict[str, Any]:
+    """Per profile and day: accepted ÷ drafted speculative tokens over all tenants (None on days without drafts)."""
+    query = (
+        select(
+            UsageCounter.period,
+            UsageCounter.profile,
+            func.sum(UsageCounter.draft_tokens),
+            func.sum(UsageCounter.accepted_tokens),
+        )
+        .where(func.length(UsageCounter.period) == 10)
+        .group_by(UsageCounter.period, UsageCounter.profile)
+        .order_by(UsageCounter.period)
+    )
+    async with sessions() as session:
+        rows = (await session.execute(query)).all()
+    periods = sorted({r[0] for r in rows})[-days:]
+    series: dict[str, dict[str, float | None]] = defaultdict(dict)
+    for period, profile, drafts, accepted in rows:
+        if period in periods:
+            series[profile or "-"][period] = (accepted or 0) / drafts if drafts else None
+    return {"periods": periods, "profiles": {p: [v.get(d) for d in periods] for p, v in series.items()}}
