@@ -167,7 +167,7 @@ async def test_streamed_request_without_client_context_gets_its_own_trace(
             assert response.status_code == 200
             assert "[DONE]" in "".join([c async for c in response.aiter_text()])
         for _ in range(50):  # the stream's end is recorded after the last chunk
-            if not stack.gateway._traces:
+            if not stack.gateway.open_traces:
                 break
             await asyncio.sleep(0.02)
         _flush(stack, tracing)
@@ -218,7 +218,7 @@ async def test_tracing_off_by_default_sends_nothing_and_no_trace_key(
             headers={"authorization": f"Bearer {token}", "traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"},
         )
         assert response.status_code == 200
-        assert not stack.gateway._traces
+        assert not stack.gateway.open_traces
     bodies = [b for r in client.replicas.values() for b in r.bodies]
     assert bodies and all(TRACE_KEY not in b for b in bodies)
     time.sleep(0.2)

@@ -19,8 +19,10 @@ from bastion.db.models import utcnow
 from bastion.gateway.engine_client import Endpoint
 from bastion.gateway.errors import ApiError
 from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
+from bastion.gateway.upstream_choice import Placement
 from bastion.records import SpeculationStats
 from bastion.routing.profiles import RoutingDecision
+from bastion.telemetry.tracing import RequestTrace
 from bastion.tenancy import key_material
 from bastion.tenancy.authenticator import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
 from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
@@ -44,9 +46,8 @@ class RequestContext:
     principal: Principal | None = None
     model: str | None = None
     stream: bool = False
-    decision: RoutingDecision | None = None
+    placement: Placement | None = None  # the upstream it went to, counted in flight there until the end
     admission: Admission | None = None
-    holds_upstream: bool = False  # counted in the gateway's in-flight total for decision.upstream
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: int = 200
@@ -58,6 +59,11 @@ class RequestContext:
     replica: str | None = None  # the replica that served the request, as the upstream named it
     key_prefix: str | None = None
     client_address: str | None = None
+    trace: RequestTrace | None = None  # the request's spans, when tracing is on
+
+    @property
+    def decision(self) -> RoutingDecision | None:
+        return self.placement.decision if self.placement is not None else None
 
 
 def bearer(request: Request) -> str | None:

@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.gateway import policy
-from bastion.gateway.affinity import UpstreamAffinity
 from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
 from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
+from bastion.gateway.upstream_choice import UpstreamChoice
 from bastion.records import RequestRecord, RequestRecorder
-from bastion.routing.profiles import RouteRequest, RoutingError, RoutingPolicy, choose, split_model
-from bastion.telemetry.tracing import GatewayTracing, RequestTrace, activated
+from bastion.routing.profiles import RouteRequest, RoutingError, split_model
+from bastion.telemetry.tracing import GatewayTracing, activated
 from bastion.tenancy.authenticator import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
 from bastion.tenancy.invalidation import InvalidationListener
@@ -39,39 +39,45 @@ FLUSH_LOG_EVERY_S = 60.0
 _NOOP = contextlib.nullcontext()  # the span of a step when tracing is off: shared, nothing allocated
 
 
+@dataclass(frozen=True)
+class GatewayParts:
+    """What one GatewayService works with, built by the composer (`serve/gateway_app.py`)."""
+
+    upstreams: UpstreamChoice  # affinity → routing → in-flight count → failover, over the engine client
+    auth: Authenticator
+    limiter: Limiter
+    budgets: BudgetTracker
+    usage: UsageRecorder  # always the first recorder: `/v1/usage` reads what it flushes
+    recorders: Sequence[RequestRecorder] = ()  # metrics, the audit recorder, ...
+    tracing: GatewayTracing | None = None
+    listener: InvalidationListener | None = None  # key changes announced over Redis
+
+
 class GatewayService:
-    def __init__(
-        self,
-        engine: EngineClient,
-        authenticator: Authenticator,
-        limiter: Limiter,
-        budgets: BudgetTracker,
-        usage: UsageRecorder,
-        recorders: Sequence[RequestRecorder] = (),
-        *,
-        max_body_bytes: int,
-        routing: RoutingPolicy | None = None,
-        flush_interval_s: float = 1.0,
-        redis_url: str | None = None,
-        tracing: GatewayTracing | None = None,
-    ) -> None:
-        self.engine = engine
-        self.tracing = tracing
-        self._traces: dict[int, RequestTrace] = {}  # id(RequestContext) → its trace, only while tracing is on
-        self.auth = authenticator
-        self.limiter = limiter
-        self.budgets = budgets
-        self.usage = usage
-        self.recorders = [usage, *recorders]
+    def __init__(self, parts: GatewayParts, *, max_body_bytes: int, flush_interval_s: float = 1.0) -> None:
+        self.upstreams = parts.upstreams
+        self.auth = parts.auth
+        self.limiter = parts.limiter
+        self.budgets = parts.budgets
+        self.usage = parts.usage
+        self.recorders = [parts.usage, *parts.recorders]
+        self.tracing = parts.tracing
+        self.listener = parts.listener
         self.max_body_bytes = max_body_bytes
-        self.routing = routing or RoutingPolicy()
-        self.in_flight: dict[str, int] = {}
-        self.affinity = UpstreamAffinity()  # conversation → upstream, where a profile has several upstreams
+        self.open_traces = 0  # requests whose trace is not finished yet
         self._flush_interval_s = flush_interval_s
         self._flush_failing: dict[str, float] = {}  # step → when its failure was last logged
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.listener = InvalidationListener(redis_url, authenticator.invalidate) if redis_url else None
+
+    @property
+    def engine(self) -> EngineClient:
+        return self.upstreams.engine
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight per upstream (routing's load signal, the in-flight gauge)."""
+        return self.upstreams.in_flight
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -135,8 +141,9 @@ class GatewayService:
         try:
             if self.tracing is None:
                 return await self._inference(request, endpoint, ctx)
-            trace = self._traces[id(ctx)] = self.tracing.begin(request.headers, endpoint, request_id)
-            with activated(trace.root):
+            ctx.trace = self.tracing.begin(request.headers, endpoint, request_id)
+            self.open_traces += 1
+            with activated(ctx.trace.root):
                 return await self._inference(request, endpoint, ctx)
         except ApiError as exc:
             ctx.status, ctx.error_code = exc.status, exc.code
@@ -149,57 +156,45 @@ class GatewayService:
             return ApiError(500, "The gateway failed to handle the request", code="internal_error").response()
 
     async def _inference(self, request: Request, endpoint: Endpoint, ctx: RequestContext) -> Response:
+        """Authenticate → read and validate → resolve the model → count prompt tokens → place on an upstream →
+        admit against limits → send (one failover if the upstream went away before answering)."""
         policy.check_declared_size(request, self.max_body_bytes)
-        with self._step(ctx, "authenticate"):
+        with _step(ctx, "authenticate"):
             principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
         ctx.session_id = policy.session_id(request)
         body = await policy.read_json(request, self.max_body_bytes)
         parsed = policy.validate(endpoint, body)
         ctx.stream = parsed.stream
-        base, alias_profile = split_model(parsed.model)
-        header_profile = policy.profile_header(request)
-        if alias_profile and header_profile and alias_profile != header_profile:
-            raise ApiError(400, f"Model alias asks for `{alias_profile}`, header for `{header_profile}`", param="model")
-        upstreams = [u for u in self.engine.upstreams() if u.model == base]
-        if not upstreams:
-            raise ApiError(404, f"The model `{parsed.model}` does not exist", code="model_not_found", param="model")
-        ctx.model = base  # only a configured name reaches usage rows and metric labels (never arbitrary text)
-        if not principal.may_use_model(base):
-            raise ApiError(403, f"You are not allowed to use the model `{base}`", code="model_not_allowed")
-
-        body = body if body.get("model") == base else {**body, "model": base}  # engines know the plain name
-        with self._step(ctx, "count_tokens"):
+        upstreams, explicit = self._resolve_model(ctx, request, parsed.model)
+        # The one place the model name is set: engines know the plain name; streams always ask for usage.
+        body = upstream_body(body, ctx.model, parsed.stream)
+        with _step(ctx, "count_tokens"):
             ctx.prompt_tokens = await self._count_tokens(upstreams, endpoint, body)
         route = RouteRequest(
-            model=base,
+            model=ctx.model,
             prompt_tokens=ctx.prompt_tokens,
             max_tokens=parsed.completion_limit,
             has_tools=bool(getattr(parsed, "tools", None)),
-            explicit_profile=alias_profile or header_profile,
-            explicit_source="alias" if alias_profile else ("header" if header_profile else None),
+            explicit_profile=explicit[0],
+            explicit_source=explicit[1],
             tenant_default=principal.default_profile,
             allowed_profiles=principal.allowed_profiles,
         )
-        candidates, session = self.affinity.narrow(upstreams, self.in_flight, ctx.session_id, body)
         try:
-            with self._step(ctx, "route"):
-                decision = ctx.decision = choose(route, candidates, self.in_flight, self.routing)
+            with _step(ctx, "route"):
+                ctx.placement = self.upstreams.place(route, upstreams, ctx.session_id, body)
         except RoutingError as exc:
             headers = {"retry-after": "1"} if exc.status == 429 else None
             raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param, headers=headers) from None
-        self.affinity.bind(session, decision.upstream)
-
-        # Count the request against its upstream before any await, so concurrent requests see it when routing.
-        self.in_flight[decision.upstream] = self.in_flight.get(decision.upstream, 0) + 1
-        ctx.holds_upstream = True
-        with self._step(ctx, "limits"):
+        with _step(ctx, "limits"):
             ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens)
+        keep_usage = bool(parsed.stream and parsed.stream_options and parsed.stream_options.include_usage)
         try:
             try:
-                return await self._send(ctx, endpoint, body, base, parsed)
+                return await self._send(ctx, endpoint, body, keep_usage)
             except UpstreamUnavailable:  # gone before any token reached the client: one more try elsewhere
-                self._failover(ctx, route, base, session)
-                return await self._send(ctx, endpoint, body, base, parsed)
+                ctx.placement = self.upstreams.failover(ctx.placement)
+                return await self._send(ctx, endpoint, body, keep_usage)
         except UpstreamUnavailable:
             raise ApiError(
                 503, "No replica can serve this request right now; retry shortly", code="no_upstream"
@@ -208,38 +203,33 @@ class GatewayService:
             exc.headers.update(policy.rate_headers(ctx))
             raise
 
-    async def _send(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], base: str, parsed: Any):
-        assert ctx.decision is not None
-        sent = upstream_body(body, base, parsed.stream)
-        if self._traces:
-            trace = self._traces.get(id(ctx))
-            sent = trace.engine_body(ctx.decision.upstream, sent) if trace is not None else sent
-        if parsed.stream:
-            keep_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return await self._stream(ctx, endpoint, sent, keep_usage)
-        return await self._complete(ctx, endpoint, sent)
+    def _resolve_model(
+        self, ctx: RequestContext, request: Request, requested: str
+    ) -> tuple[list[UpstreamInfo], tuple[str | None, str | None]]:
+        """The model's upstreams and the explicit profile (name, source: alias or header); sets `ctx.model`, so
+        only a configured name reaches usage rows and metric labels (never arbitrary text)."""
+        base, alias_profile = split_model(requested)
+        header_profile = policy.profile_header(request)
+        if alias_profile and header_profile and alias_profile != header_profile:
+            raise ApiError(400, f"Model alias asks for `{alias_profile}`, header for `{header_profile}`", param="model")
+        upstreams = self.upstreams.upstreams_of(base)
+        if not upstreams:
+            raise ApiError(404, f"The model `{requested}` does not exist", code="model_not_found", param="model")
+        ctx.model = base
+        assert ctx.principal is not None
+        if not ctx.principal.may_use_model(base):
+            raise ApiError(403, f"You are not allowed to use the model `{base}`", code="model_not_allowed")
+        if alias_profile:
+            return upstreams, (alias_profile, "alias")
+        return upstreams, (header_profile, "header" if header_profile else None)
 
-    def _failover(self, ctx: RequestContext, route: RouteRequest, base: str, session: str | None) -> None:
-        """Move the request to another upstream routing would take without the failed one (same rules: its
-        profile first, overflow if allowed); UpstreamUnavailable when there is none."""
+    async def _send(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], keep_usage: bool):
         assert ctx.decision is not None
-        failed = ctx.decision.upstream
-        others = [u for u in self.engine.upstreams() if u.model == base and u.name != failed]
-        try:
-            decision = choose(route, others, self.in_flight, self.routing)
-        except RoutingError:
-            raise UpstreamUnavailable(failed) from None
-        self.in_flight[failed] = max(self.in_flight.get(failed, 1) - 1, 0)
-        self.in_flight[decision.upstream] = self.in_flight.get(decision.upstream, 0) + 1
-        ctx.decision = dataclasses.replace(decision, reason=f"{decision.reason}+failover")
-        self.affinity.bind(session, decision.upstream)
-
-    def _step(self, ctx: RequestContext, name: str) -> contextlib.AbstractContextManager[Any]:
-        """A child span of the request when tracing is on; else a shared no-op."""
-        if not self._traces:
-            return _NOOP
-        trace = self._traces.get(id(ctx))
-        return trace.step(name) if trace is not None else _NOOP
+        if ctx.trace is not None:
+            body = ctx.trace.engine_body(ctx.decision.upstream, body)
+        if ctx.stream:
+            return await self._stream(ctx, endpoint, body, keep_usage)
+        return await self._complete(ctx, endpoint, body)
 
     async def _count_tokens(self, upstreams: list[UpstreamInfo], endpoint: Endpoint, body: dict[str, Any]) -> int:
         for upstream in upstreams:
@@ -256,8 +246,8 @@ class GatewayService:
         answer = await self.engine.complete(ctx.decision.upstream, endpoint, body, session_id=ctx.session_id)
         ctx.ttft = time.perf_counter()
         ctx.status, ctx.replica = answer.status, answer.replica
-        if self._traces and (trace := self._traces.get(id(ctx))) is not None:
-            trace.engine_done(answer.status)
+        if ctx.trace is not None:
+            ctx.trace.engine_done(answer.status)
         headers = policy.rate_headers(ctx)
         if answer.status >= 400:
             out = answer.body if is_error_body(answer.body) else policy_error_body(answer.status)
@@ -345,8 +335,8 @@ class GatewayService:
         if ctx.finished:
             return
         ctx.finished = True
-        if ctx.holds_upstream and ctx.decision is not None:
-            self.in_flight[ctx.decision.upstream] = max(self.in_flight.get(ctx.decision.upstream, 1) - 1, 0)
+        if ctx.decision is not None:
+            self.upstreams.release(ctx.decision.upstream)
         try:
             if ctx.admission is not None:
                 await self.limiter.finish(ctx.admission, ctx.completion_tokens)
@@ -355,13 +345,14 @@ class GatewayService:
         except Exception:
             log.exception("limit release failed (request %s)", ctx.request_id)
         record = self.to_record(ctx)
-        trace = self._traces.pop(id(ctx), None) if self._traces else None
+        trace, ctx.trace = ctx.trace, None
         if trace is None:
             self.record(record)
             return
         with trace.step("audit.hand_off"):
             self.record(record)
         trace.finish(record)
+        self.open_traces -= 1
 
     def to_record(self, ctx: RequestContext) -> RequestRecord:
         now = time.perf_counter()
@@ -405,6 +396,11 @@ class GatewayService:
             record.status,
             record.latency_ms,
         )
+
+
+def _step(ctx: RequestContext, name: str) -> contextlib.AbstractContextManager[Any]:
+    """A child span of the request when tracing is on; else a shared no-op."""
+    return ctx.trace.step(name) if ctx.trace is not None else _NOOP
 
 
 def first_event_error(event: str | None) -> ApiError | None:

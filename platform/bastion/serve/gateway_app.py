@@ -20,7 +20,8 @@ from bastion.config.token_files import read_token
 from bastion.db.session import create_engine, session_factory
 from bastion.gateway.app import create_app
 from bastion.gateway.engine_client import EngineClient
-from bastion.gateway.service import GatewayService
+from bastion.gateway.service import GatewayParts, GatewayService
+from bastion.gateway.upstream_choice import UpstreamChoice
 from bastion.pool.live_stats import load_token
 from bastion.records import RequestRecorder
 from bastion.routing.profiles import RoutingPolicy
@@ -30,6 +31,7 @@ from bastion.tenancy import key_material
 from bastion.tenancy.auth_failure_guard import AuthFailureGuard
 from bastion.tenancy.authenticator import Authenticator
 from bastion.tenancy.budgets import BudgetTracker
+from bastion.tenancy.invalidation import InvalidationListener
 from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.usage import UsageRecorder
 
@@ -89,19 +91,17 @@ def create_gateway_app(
         stale_s=config.gateway.key_cache_when_db_down_s,
         guard=guard,
     )
-    gateway = GatewayService(
-        engine_client,
-        authenticator,
-        limiter,
-        BudgetTracker(sessions, limiter.redis),
-        UsageRecorder(sessions),
-        [*recorders, metrics],
-        max_body_bytes=config.gateway.max_body_bytes,
-        routing=routing,
-        flush_interval_s=flush_interval_s,
-        redis_url=redis_url or None,
+    parts = GatewayParts(
+        upstreams=UpstreamChoice(engine_client, routing),
+        auth=authenticator,
+        limiter=limiter,
+        budgets=BudgetTracker(sessions, limiter.redis),
+        usage=UsageRecorder(sessions),
+        recorders=[*recorders, metrics],
         tracing=tracing,
+        listener=InvalidationListener(redis_url, authenticator.invalidate) if redis_url else None,
     )
+    gateway = GatewayService(parts, max_body_bytes=config.gateway.max_body_bytes, flush_interval_s=flush_interval_s)
     metrics.watch_in_flight(lambda: gateway.in_flight)
     metrics.watch_limiter(limiter)
     return create_app(
