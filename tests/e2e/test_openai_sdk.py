@@ -186,6 +186,14 @@ async def test_requests_and_auth_failures_are_audited(platform_stack) -> None:
     assert rows[ids["ok"]]["profile"] == "fast-agentic"
     assert rows[ids["ok"]]["completion_tokens"] == 32
     assert rows[ids["ok"]]["speculation"]["draft_tokens"] > 0
+    # The row has the request's real k and per-position acceptance (vLLM's acceptance histogram), not 0.
+    k = platform_stack.config.profiles["fast-agentic"].speculative.num_speculative_tokens
+    for kind in ("ok", "stream"):
+        speculation = rows[ids[kind]]["speculation"]
+        assert speculation["num_speculative_tokens"] == k, speculation
+        assert len(speculation["acceptance_by_position"]) == k and all(
+            0 <= rate <= 1 for rate in speculation["acceptance_by_position"]
+        ), speculation
     assert rows[ids["stream"]]["stream"] is True and rows[ids["stream"]]["completion_tokens"] == 32
     # The decision names the Serve replica that served each request: `deployment#replica-id`, a live replica.
     fast = next(a.name for a in platform_stack.apps if a.profile == "fast-agentic")

@@ -1,7 +1,7 @@
 """Live replica statistics: the contract of the internal endpoint the gateway serves and the control plane polls
-(path, token, the `ReplicaStats` record). The live pool view is: this file; `serve/pool_stats.py`, the endpoint
-(inside Ray: only the gateway ingress sees Serve's routers); `pool/live_poller.py`, the control plane's reader;
-`control/pool_view.py`, the dashboard that shows it.
+(path, token, the `ReplicaStats` record). The live pool view is: this file; `serve/live_stats_endpoint.py`, the
+endpoint (inside Ray: only the gateway ingress sees Serve's routers); `pool/live_poller.py`, the control plane's
+reader; `control/pool_view.py`, the dashboard that shows it.
 
 The engine replicas live inside Ray and only the gateway (a Serve replica holding handles to them) sees each one;
 the control plane runs in its own process or pod. So the gateway answers `POOL_STATS_PATH` with what Serve's

@@ -15,7 +15,7 @@ from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
 from bastion.pool.live_stats import load_token
 from bastion.serve.gateway_app import create_gateway_app
-from bastion.serve.pool_stats import add_pool_stats_route
+from bastion.serve.live_stats_endpoint import add_pool_stats_route
 from bastion.serve.ray_engine_client import RayEngineClient
 from bastion.telemetry.logging import configure_logging
 
