@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from bastion.background import stop_task
 from bastion.engine.model_store import verify_manifest
 from bastion.engine.spec import EngineSpec, check_mtp
 from bastion.engine.speculation import SpeculationStats, engine_totals, load_totals
@@ -346,6 +347,4 @@ async def _coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
             if done or errors:
                 return
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop_task(task)
