@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from bastion.background import stop_task
 from bastion.engine.engine_args import EngineSpec, check_mtp
 from bastion.engine.manifest import verify_manifest
 from bastion.engine.speculation import engine_totals, load_totals
@@ -347,6 +348,4 @@ async def _coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
             if done or errors:
                 return
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop_task(task)

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from bastion.background import stop_task
 from bastion.config.external import ExternalReplicaConfig
 from bastion.gateway.engine_client import Endpoint, UpstreamInfo, UpstreamResponse, UpstreamUnavailable
 from bastion.gateway.errors import error_body
@@ -95,10 +96,7 @@ class ExternalEngineClient:
 
     async def aclose(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
         self._tasks = []
         for client in (self._http, self._probe_http):
             if client is not None:

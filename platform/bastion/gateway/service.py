@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bastion.background import stop_task
 from bastion.gateway import policy
 from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.gateway.errors import ApiError, is_error_body
@@ -36,6 +37,7 @@ from bastion.tenancy.usage import UsageRecorder
 log = logging.getLogger("bastion.gateway")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 FLUSH_LOG_EVERY_S = 60.0
+FLUSH_STOP_WAIT_S = 5.0  # at close, how long the flush in progress may take before it is cancelled
 _NOOP = contextlib.nullcontext()  # the span of a step when tracing is off: shared, nothing allocated
 
 
@@ -68,6 +70,7 @@ class GatewayService:
         self._flush_interval_s = flush_interval_s
         self._flush_failing: dict[str, float] = {}  # step → when its failure was last logged
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -84,12 +87,15 @@ class GatewayService:
     def start(self) -> None:
         if self.listener is not None:
             self.listener.start()
-        if self._flusher is None or self._flusher.done():
+        if (self._flusher is None or self._flusher.done()) and not self._closing.is_set():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_interval_s)
+        """Flush every interval until `aclose`. Never cancelled mid-flush: a flush holds the counters it writes."""
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._flush_interval_s):
+                    await self._closing.wait()
             await self.flush()
 
     async def flush(self) -> None:
@@ -118,10 +124,10 @@ class GatewayService:
     async def aclose(self) -> None:
         if self.listener is not None:
             await self.listener.stop()
+        self._closing.set()  # the flush loop ends after the flush it may be in
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await asyncio.wait({self._flusher}, timeout=FLUSH_STOP_WAIT_S)
+            await stop_task(self._flusher)  # a flush stuck on a dead database: the final flush below keeps its data
             self._flusher = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

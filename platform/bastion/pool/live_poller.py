@@ -10,7 +10,6 @@ counters in the database (control/pool_view.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from bastion.background import stop_task
 from bastion.pool.live_stats import ReplicaStats
 
 log = logging.getLogger(__name__)
@@ -180,11 +180,8 @@ class PoolStatsPoller:
             await asyncio.sleep(self.interval_s)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         await self._client.aclose()
 
 

@@ -8,11 +8,12 @@ notices) and retries with backoff; it never blocks requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
+
+from bastion.background import stop_task
 
 CHANNEL = "bastion:keys:changed"
 log = logging.getLogger(__name__)
@@ -45,11 +46,8 @@ class InvalidationListener:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
 
     async def _run(self) -> None:
         delay = 0.2
