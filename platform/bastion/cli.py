@@ -218,7 +218,7 @@ def run_command(
     logs = run_output.log_dir(platform)
     hint = "streamed here (--verbose)" if verbose else f"in {logs} (--verbose streams them)"
     out.print(f"Bastion {__version__}: {path}; logs {hint}", soft_wrap=True)
-    with nullcontext() if verbose else run_output.stderr_to(logs / run_output.DRIVER_LOG):
+    with nullcontext() if verbose else run_output.terminal_only_for(out, logs / run_output.DRIVER_LOG):
         configure_logging("DEBUG" if _state["debug"] else "INFO")
         _run(platform, path, None if verbose else logs)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bastion import cli
@@ -61,7 +62,7 @@ def fake_start(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(runner, "wait_forever", lambda: None)
 
     class Redirect:
-        def __init__(self, path: Path) -> None:
+        def __init__(self, console: Any, path: Path) -> None:
             seen["redirected"].append(path)
 
         def __enter__(self) -> None:
@@ -70,7 +71,7 @@ def fake_start(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         def __exit__(self, *exc: object) -> None:
             return None
 
-    monkeypatch.setattr(run_output, "stderr_to", Redirect)
+    monkeypatch.setattr(run_output, "terminal_only_for", Redirect)
     return seen
 
 
@@ -136,14 +137,19 @@ def test_vllm_logging_config_writes_the_vllm_logger_to_a_file(tmp_path: Path) ->
     assert "below INFO" not in text
 
 
-def test_stderr_to_moves_file_descriptor_2_and_restores_it(tmp_path: Path) -> None:
+def test_only_the_console_keeps_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "driver.log"
-    before = os.fstat(2)
-    with run_output.stderr_to(target):
-        os.write(2, b"from a library or a child process\n")
-    assert target.read_text() == "from a library or a child process\n"
-    after = os.fstat(2)
-    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    console = Console(width=100)
+    before = [os.fstat(fd) for fd in (1, 2)]
+    with run_output.terminal_only_for(console, target):
+        os.write(1, b"a raylet error relayed to stdout\n")
+        os.write(2, b"a library's log line\n")
+        console.print("progress line")
+    assert target.read_text() == "a raylet error relayed to stdout\na library's log line\n"
+    assert capfd.readouterr().out == "progress line\n"
+    after = [os.fstat(fd) for fd in (1, 2)]
+    assert [(a.st_dev, a.st_ino) for a in after] == [(b.st_dev, b.st_ino) for b in before]
+    assert console.file is sys.stdout  # back to following sys.stdout
 
 
 @pytest.mark.parametrize(

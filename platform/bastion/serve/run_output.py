@@ -55,23 +55,33 @@ def replica_log_env(logs: Path) -> dict[str, str]:
 
 
 @contextmanager
-def stderr_to(path: Path) -> Iterator[None]:
-    """Point file descriptor 2 at `path` (appending) until the block ends, then restore the terminal. At the fd,
-    not `sys.stderr`: handlers Ray and Serve attach at import, warnings, and the processes Ray starts all
-    write there."""
+def terminal_only_for(console: Any, log_file: Path) -> Iterator[None]:
+    """Until the block ends, file descriptors 1 and 2 append to `log_file` and only `console` (a rich Console)
+    still writes to the terminal. At the descriptors, not `sys.stdout`/`sys.stderr`: handlers Ray and Serve
+    attach at import, Ray's relay of raylet errors (printed to stdout), warnings, and the processes Ray starts
+    all write there."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8")
+    target = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        os.dup2(fd, 2)
+        for fd in (1, 2):
+            os.dup2(target, fd)
     finally:
-        os.close(fd)
+        os.close(target)
+    previous = getattr(console, "_file", None)  # None: the console follows sys.stdout, as before
+    console.file = terminal
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        console.file = previous
+        terminal.close()
+        for fd, dup in saved.items():
+            os.dup2(dup, fd)
+            os.close(dup)
 
 
 def link_ray_logs(logs: Path) -> Path | None:
