@@ -261,8 +261,7 @@ def _run(platform: PlatformConfig, path: Path, logs: Path | None) -> None:
 
     with out.status("starting replicas (a model loads in a minute or more)"):
         runner.deploy(path, on_placed=placed, on_healthy=ready)
-    _summary(platform, token)
-    runner.wait_forever()
+    runner.wait_forever(ready=lambda: _summary(platform, token))
     out.print("Bastion stopped.")
 
 

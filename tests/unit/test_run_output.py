@@ -59,7 +59,7 @@ def fake_start(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             on_healthy(name)
 
     monkeypatch.setattr(runner, "deploy", deploy)
-    monkeypatch.setattr(runner, "wait_forever", lambda: None)
+    monkeypatch.setattr(runner, "wait_forever", lambda ready=None: ready() if ready else None)
 
     class Redirect:
         def __init__(self, console: Any, path: Path) -> None:

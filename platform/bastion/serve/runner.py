@@ -262,12 +262,15 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
-def wait_forever(should_stop: Callable[[], bool] = lambda: False) -> None:
+def wait_forever(should_stop: Callable[[], bool] = lambda: False, ready: Callable[[], None] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, then shut down gracefully: Serve stops taking new requests, each replica
     gets its graceful-shutdown period for the requests in flight (streams finish), then Ray stops — no process
-    is left behind (a SIGTERM's default action would kill this driver and orphan the local Ray)."""
+    is left behind (a SIGTERM's default action would kill this driver and orphan the local Ray). `ready` runs
+    once SIGTERM is handled: what it prints tells a process manager (or a test) it may stop the platform."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if ready is not None:
+            ready()
         while not should_stop():
             time.sleep(1)
     except (KeyboardInterrupt, _Terminated):
