@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 tools:
 	bash scripts/install-tools.sh
 
+# ARGS=--verbose streams Ray's, Serve's and vLLM's logs to the terminal (else they go to .bastion-data/logs/).
 run: $(STAMP)
-	$(BIN)/bastion run --config deploy/local/bastion.yaml
+	$(BIN)/bastion run --config deploy/local/bastion.yaml $(ARGS)
 
 test: $(STAMP) tools
 	@start=$$(date +%s); $(BIN)/python -m pytest tests --durations=15 --cov=platform/bastion --cov-report=term:skip-covered; rc=$$?; \

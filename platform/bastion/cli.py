@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,6 +14,7 @@ from bastion.audit.command import audit_app
 from bastion.bench.command import bench_app
 from bastion.commandline import ConfigOption, out, progress_bar
 from bastion.config import load_config
+from bastion.config.schema import PlatformConfig
 from bastion.control.command import control_app
 from bastion.engine.mtp.command import mtp_app
 from bastion.errors import BastionError
@@ -38,6 +40,7 @@ app.add_typer(mtp_app, name="mtp")
 app.add_typer(bench_app, name="bench")
 
 _state = {"debug": False}
+log = logging.getLogger("bastion.cli")
 
 
 @app.callback()
@@ -195,37 +198,88 @@ def serve_command(
 
 
 @app.command("run")
-def run_command(config: ConfigOption = None) -> None:
-    """Everything `make run` does: prepare models, migrate the database, create the first tenant, serve."""
-    import asyncio
+def run_command(
+    config: ConfigOption = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="stream Ray's, Serve's and vLLM's logs here instead of to files")
+    ] = False,
+) -> None:
+    """Everything `make run` does: prepare models, migrate the database, create the first tenant, serve.
+    Prints a few lines of progress and a summary; the logs go to <data_dir>/logs (serve/run_output.py)."""
+    from contextlib import nullcontext
 
     from bastion.config import Settings
-    from bastion.db import migrate
-    from bastion.serve import runner
+    from bastion.serve import run_output, runner
     from bastion.telemetry.logging import configure_logging
 
-    configure_logging("DEBUG" if _state["debug"] else "INFO")
     path = config or Settings().config
     platform = load_config(path)
     runner.check_address(platform)
-    progress, update = progress_bar()
+    logs = run_output.log_dir(platform)
+    hint = "streamed here (--verbose)" if verbose else f"in {logs} (--verbose streams them)"
+    out.print(f"Bastion {__version__}: {path}; logs {hint}", soft_wrap=True)
+    with nullcontext() if verbose else run_output.terminal_only_for(out, logs / run_output.DRIVER_LOG):
+        configure_logging("DEBUG" if _state["debug"] else "INFO")
+        _run(platform, path, None if verbose else logs)
+
+
+def _run(platform: PlatformConfig, path: Path, logs: Path | None) -> None:
+    """`bastion run`'s steps, one line each; `logs` None: Ray streams every worker's output to this terminal."""
+    import asyncio
+
+    from bastion.db import migrate
+    from bastion.serve import run_output, runner
+    from bastion.serve.options import deployment_name
+
+    progress, update = progress_bar(transient=True)
     with progress:
         runner.prepare_models(platform, update)
+    out.print(f"[green]✓[/] models ready: {', '.join(m.name for m in platform.models)}")
     migrate.upgrade(platform.database.url)
     token = asyncio.run(runner.bootstrap_tenant(platform))
-    runner.start_ray(platform)
-    runner.deploy(path)
+    out.print("[green]✓[/] database migrated" + (", tenant 'default' created" if token else ""))
+    with out.status("starting Ray"):
+        runner.start_ray(platform, logs=logs)
+    if logs is not None and (link := run_output.link_ray_logs(logs)) is not None:
+        log.debug("Ray's session logs: %s", link.resolve())
+    where = platform.ray.address or f"127.0.0.1, {platform.ray.num_cpus} CPUs"
+    out.print(f"[green]✓[/] Ray started ({where})")
+    engines = {deployment_name(d.model, d.profile): d for d in platform.deployments}
+    width = max((len(d.name) for d in platform.deployments), default=0)
+
+    def placed(report: Any) -> None:
+        out.print(f"[green]✓[/] placement: {run_output.placement_text(report.assignment)}")
+
+    def ready(name: str) -> None:
+        dep = engines.get(name)
+        if dep is None:  # the gateway ingress: the summary says it serves
+            return
+        guard = run_output.guard_text(runner.replica_stats(name))
+        spec = run_output.speculation_text(platform, dep)
+        line = f"[green]✓[/] {dep.name:<{width}}  ready × {dep.replicas}  speculation {spec:<10}  guard: {guard}"
+        out.print(line, soft_wrap=True)
+
+    with out.status("starting replicas (a model loads in a minute or more)"):
+        runner.deploy(path, on_placed=placed, on_healthy=ready)
+    runner.wait_forever(ready=lambda: _summary(platform, token))
+    out.print("Bastion stopped.")
+
+
+def _summary(platform: PlatformConfig, token: str | None) -> None:
     base = f"http://{platform.gateway.host}:{platform.gateway.port}/v1"
-    out.print(f"Bastion is serving on {base} (Ctrl-C stops)")
+    out.print(f"\n[bold]Bastion is serving on {base}[/] (Ctrl-C stops)")
     if token:
-        out.print(f"First start: tenant 'default' with API key (shown once, stored hashed):\n  {token}")
-    model = platform.models[0].name
+        out.print(f"API key of tenant 'default' (shown once, stored hashed): {token}", soft_wrap=True)
+    else:
+        out.print("API key: the one shown at first start; another: bastion keys create default")
+    models = ", ".join(m.name for m in platform.models)
+    out.print(f"Profiles: {', '.join(platform.profiles)} (models: {models})")
+    out.print("Console: bastion control serve")
     out.print(
         f"Try: curl -s {base}/chat/completions -H 'Authorization: Bearer $KEY' -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
+        f'-d \'{{"model": "{platform.models[0].name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
         soft_wrap=True,
     )
-    runner.wait_forever()
 
 
 def main() -> None:

@@ -22,11 +22,14 @@ ConfigOption = Annotated[
 ]
 
 
-def progress_bar() -> tuple[Progress, Callable[[str, int, int], None]]:
-    """A bar and its `update(step, done, total)` callback, the shape long-running steps report progress in."""
+def progress_bar(transient: bool = False) -> tuple[Progress, Callable[[str, int, int], None]]:
+    """A bar and its `update(step, done, total)` callback, the shape long-running steps report progress in;
+    a transient bar disappears when done (a line that says so follows it)."""
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=out)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=out, transient=transient
+    )
     task = progress.add_task("preparing", total=1)
 
     def update(step: str, done: int, total: int) -> None:

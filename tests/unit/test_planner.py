@@ -19,7 +19,9 @@ from bastion.config.schema import GpuClassConfig, GpuPoolConfig, PoolNodeConfig
 from bastion.pool.architecture import Architecture, ArchitectureError, architecture_from_hf, load_hf_config
 from bastion.pool.catalog import BUILTIN_CLASSES, GpuClass, PoolError, gpu_classes, inventory, select
 from bastion.pool.planner import (
+    DEFAULT_DRAFT_COST,
     DEFAULT_EFFICIENCY,
+    DEFAULT_RATES,
     MtpHead,
     PlanError,
     PlanInputs,
@@ -169,7 +171,7 @@ def _hybrid_inputs(**overrides: object) -> PlanInputs:
         "kv_dtype": "q4_0",
         "mtp": MtpHead(size_gb=1.9, layers=1),
         "reserve_gib": 2.75,
-        "speculation": Speculation(alpha=0.8, k=3),
+        "speculation": Speculation(alpha=0.8, k=3, draft_cost=0.06),
     }
     return PlanInputs(**{**base, **overrides})  # type: ignore[arg-type]
 
@@ -281,6 +283,27 @@ def test_per_position_rates() -> None:
     assert spec.speedup(2) == pytest.approx(1.5)
     assert spec.best_k() == 2
     assert spec.horizon == 3
+
+
+def test_default_speculation_is_a_distilled_heads_measured_rates() -> None:
+    spec = Speculation()
+    assert spec.alpha is None and spec.rates == DEFAULT_RATES == (0.72, 0.49, 0.32)
+    assert spec.draft_cost == DEFAULT_DRAFT_COST == 0.24
+    # S(1) = 1.72 / 1.24 = 1.3871, S(2) = 2.21 / 1.48 = 1.4932, S(3) = 2.53 / 1.72 = 1.4709 → k = 2
+    assert spec.best_k() == 2
+    assert spec.speedup(2) == pytest.approx(1.4932, abs=1e-4)
+    assert Speculation(alpha=0.8).rates == ()  # an explicit α replaces the default rates
+
+
+def test_default_mtp_figure_for_a_distilled_27b_on_a_3090_matches_architecture_md() -> None:
+    # ARCHITECTURE.md: a distilled dense 27B decodes at ~38 tok/s on an RTX 3090 and at 53–57 tok/s with MTP
+    # (+40–50%). The planner's defaults must land within ±15% of that range (α 0.75, c 0.06 gave 91.6).
+    p = plan_profile(_hybrid_inputs(speculation=Speculation()), RTX3090, FAST_AGENTIC)
+    assert p.tok_s_spec is not None
+    assert 53 * 0.85 <= p.tok_s_spec <= 57 * 1.15
+    assert p.tok_s_spec == pytest.approx(39.4034 * 1.4932, abs=0.01)  # 58.8
+    deep = plan_profile(_hybrid_inputs(speculation=Speculation()), RTX3090, "deep-context")
+    assert 1.35 <= p.tok_s_spec / deep.tok_s <= 1.6  # the head's gain over the MTP-off profile: ~+50%
 
 
 @pytest.mark.parametrize(
@@ -440,6 +463,16 @@ def test_cli_config_json_and_table(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "192,391" in result.output  # as in test_hybrid_deep_context_on_24gb
     assert "RTX 3090" in result.output
+
+
+def test_cli_defaults_to_the_distilled_rates(tmp_path: Path) -> None:
+    args = ["plan", "--config-json", str(_write(tmp_path, QWEN36_27B)), "--params-b", "27", "--bits-per-weight"]
+    args += ["5.69", "--fast-bits-per-weight", "5.47", "--kv-dtype", "q4_0", "--mtp-gb", "1.9", "--gpu", "rtx3090"]
+    data = json.loads(CliRunner().invoke(cli.app, [*args, "--json"]).output)
+    assert data["inputs"]["speculation"]["rates"] == list(DEFAULT_RATES)
+    fast = data["plans"][1]
+    assert (fast["profile"], fast["k"]) == ("fast-agentic", 2)
+    assert 53 * 0.85 <= fast["tok_s_spec"] <= 57 * 1.15  # the docs' example command, with the real linear state
 
 
 def test_cli_plot_writes_a_png(tmp_path: Path) -> None:

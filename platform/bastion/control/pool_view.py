@@ -98,7 +98,7 @@ class PlanRequest(BaseModel):
     fast_bits_per_weight: float | None = Field(default=5.47, gt=0, le=32)
     kv_dtype: str = "q4_0"
     mtp_size_gb: float = Field(default=1.9, ge=0, le=10_000)
-    alpha: float = Field(default=0.75, ge=0, le=1)
+    alpha: float | None = Field(default=None, ge=0, le=1, description="constant acceptance; null: the planner's rates")
     concurrency: int = Field(default=1, ge=1, le=4096)
     gpus: list[str] = Field(default_factory=list, description="GPU class keys; empty: the pool's classes")
 

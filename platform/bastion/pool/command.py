@@ -14,10 +14,10 @@ from bastion.pool import report
 from bastion.pool.architecture import Architecture, architecture_from_hf, load_hf_config
 from bastion.pool.catalog import GpuClass, gpu_classes, select
 from bastion.pool.planner import (
-    DEFAULT_ALPHA,
     DEFAULT_DRAFT_COST,
     DEFAULT_EFFICIENCY,
     DEFAULT_MAX_K,
+    DEFAULT_RATES,
     DEFAULT_RESERVE_GIB,
     MtpHead,
     PlanError,
@@ -57,10 +57,13 @@ def plan(
     reserve_gib: Annotated[float, _opt("runtime reserve per card, GiB")] = DEFAULT_RESERVE_GIB,
     concurrency: Annotated[int, _opt("sequences sharing the KV cache")] = 1,
     at_context: Annotated[int, _opt("tokens already in each sequence when tok/s is measured")] = 0,
-    alpha: Annotated[float | None, _opt(f"MTP acceptance rate per draft (default {DEFAULT_ALPHA})")] = None,
-    rates: Annotated[str | None, _opt("measured per-position acceptance, e.g. 0.8,0.6,0.4")] = None,
+    alpha: Annotated[float | None, _opt("constant MTP acceptance rate per draft, instead of --rates")] = None,
+    rates: Annotated[
+        str | None,
+        _opt(f"per-position acceptance r_1,r_2,… (default {','.join(map(str, DEFAULT_RATES))}: a distilled body)"),
+    ] = None,
     k: Annotated[int | None, _opt("speculative tokens (default: the best k)")] = None,
-    max_k: Annotated[int, _opt("largest k to consider without --rates")] = DEFAULT_MAX_K,
+    max_k: Annotated[int, _opt("largest k to consider with --alpha")] = DEFAULT_MAX_K,
     draft_cost: Annotated[float, _opt("draft step cost ÷ target step cost")] = DEFAULT_DRAFT_COST,
     efficiency: Annotated[float, _opt("share of memory bandwidth a decode step achieves")] = DEFAULT_EFFICIENCY,
     as_json: Annotated[bool, _opt("print JSON instead of a table", "--json")] = False,
@@ -138,8 +141,7 @@ def _speculation(alpha: float | None, rates: str | None, k: int | None, max_k: i
     if alpha is not None and rates is not None:
         raise PlanError("give --alpha or --rates, not both")
     parsed = _parse_rates(rates) if rates is not None else ()
-    chosen_alpha = None if parsed else (DEFAULT_ALPHA if alpha is None else alpha)
-    return Speculation(alpha=chosen_alpha, rates=parsed, k=k, max_k=max_k, draft_cost=draft_cost)
+    return Speculation(alpha=alpha, rates=parsed, k=k, max_k=max_k, draft_cost=draft_cost)  # neither: defaults
 
 
 def _parse_rates(text: str) -> tuple[float, ...]:

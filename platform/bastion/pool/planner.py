@@ -39,8 +39,16 @@ DEFAULT_EFFICIENCY = 0.78
 # CUDA context, activations and prefill buffers, CUDA graphs, allocator slack. 2.75 GiB reproduces
 # ARCHITECTURE.md's 24 GB figures (27B hybrid, q4_0 KV: ~184K tokens deep-context, ~120K fast-agentic) within 5%.
 DEFAULT_RESERVE_GIB = 2.75
-DEFAULT_ALPHA = 0.75  # vanilla Qwen3.x MTP heads accept ~70–80% of drafts
-DEFAULT_DRAFT_COST = 0.06  # one MTP layer + LM head against a 27B body (ARCHITECTURE.md)
+# Per-position acceptance r_1..r_3 (r_i: share of steps whose first i drafts were all accepted) of an MTP head
+# kept from the base model while the body was distilled: ARCHITECTURE.md's fast-agentic model. Published vLLM
+# figures for vanilla Qwen3.x heads centre on r = 0.87, 0.72, 0.57 (conditional acceptance 0.87, 0.83, 0.79);
+# a distilled body agrees with the head ~17% less often at each position (0.82–0.87 of the base's acceptance in
+# published comparisons): conditionals × 0.83 give r = 0.72, 0.49, 0.32. Sources and arithmetic: docs/planner.md.
+DEFAULT_RATES = (0.72, 0.49, 0.32)
+# c = draft step cost ÷ target step cost, fitted from six published paired benchmarks of Qwen3.x 27B MTP
+# (c = (E ÷ S_measured − 1) ÷ k: 0.16–0.34, median 0.235). Larger than the head's weight share (~0.1): it also
+# carries verifying k + 1 tokens through the hybrid body and the draft's launches and sampling.
+DEFAULT_DRAFT_COST = 0.24
 DEFAULT_MAX_K = 3  # vLLM's MTP profiles in Bastion allow 1..3 speculative tokens
 
 
@@ -74,18 +82,20 @@ def speedup(expected: float, k: int, draft_cost: float) -> float:
 
 @dataclass(frozen=True)
 class Speculation:
-    """Acceptance (a constant α, or measured per-position rates), the k to report (None: the best k), the
-    largest k considered, and c = draft step cost ÷ target step cost."""
+    """Acceptance (a constant α, or per-position rates), the k to report (None: the best k), the largest k
+    considered, and c = draft step cost ÷ target step cost. Neither α nor rates: DEFAULT_RATES."""
 
-    alpha: float | None = DEFAULT_ALPHA
+    alpha: float | None = None
     rates: tuple[float, ...] = ()
     k: int | None = None
     max_k: int = DEFAULT_MAX_K
     draft_cost: float = DEFAULT_DRAFT_COST
 
     def __post_init__(self) -> None:
-        if (self.alpha is None) == (not self.rates):
-            raise PlanError("give an acceptance rate alpha or per-position rates, not both or neither")
+        if self.alpha is not None and self.rates:
+            raise PlanError("give an acceptance rate alpha or per-position rates, not both")
+        if self.alpha is None and not self.rates:
+            object.__setattr__(self, "rates", DEFAULT_RATES)
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise PlanError(f"acceptance rate alpha must be in 0..1, got {self.alpha}")
         _check_rates(self.rates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -33,19 +34,29 @@ def prepare_models(config: PlatformConfig, progress: Callable[[str, int, int], N
     return paths
 
 
-def start_ray(config: PlatformConfig) -> None:
-    """A local Ray bound to 127.0.0.1 (embedded default), or a connection to `ray.address`."""
+def start_ray(config: PlatformConfig, *, logs: Path | None = None) -> None:
+    """A local Ray bound to 127.0.0.1 (embedded default), or a connection to `ray.address`. With `logs`, workers'
+    output stays in Ray's session files instead of streaming to this terminal, and a local cluster's replicas
+    log vLLM to `logs/vllm.log` (serve/run_output.py)."""
     from bastion.serve import loopback
 
     if config.ray.address is None:
+        if logs is not None:  # Ray's processes, replicas and their engine processes inherit this environment
+            from bastion.serve.run_output import replica_log_env
+
+            os.environ.update(replica_log_env(logs))
         loopback.start_local_ray(
-            config.gateway.port, namespace="bastion", num_cpus=config.ray.num_cpus, host=config.gateway.host
+            config.gateway.port,
+            namespace="bastion",
+            num_cpus=config.ray.num_cpus,
+            host=config.gateway.host,
+            log_to_driver=logs is None,
         )
         return
     import ray
     from ray import serve
 
-    ray.init(address=config.ray.address, include_dashboard=False, namespace="bastion")
+    ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=logs is None, namespace="bastion")
     serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
 
 
@@ -98,14 +109,24 @@ def check_placement(config: PlatformConfig, nodes: list[dict[str, Any]] | None =
     return report
 
 
-def deploy(config_path: Path, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
-    """Check placement, deploy without blocking, then watch until RUNNING: fail loudly, never 'deploying' forever."""
+def deploy(
+    config_path: Path,
+    *,
+    timeout_s: float = PLACEMENT_TIMEOUT_S,
+    on_placed: Callable[[placement.PlacementReport], None] | None = None,
+    on_healthy: Callable[[str], None] | None = None,
+) -> None:
+    """Check placement, deploy without blocking, then watch until RUNNING: fail loudly, never 'deploying' forever.
+    `on_placed` gets the placement report, `on_healthy` each Serve deployment's name as it becomes healthy."""
     from bastion.config import load_config
     from bastion.serve.app import build_app
 
     config = load_config(config_path)
-    check_placement(config)  # before building: an unplaceable pool fails before any replica is asked for
-    deploy_app(build_app({"config": str(config_path)}), config, APP_NAME, timeout_s=timeout_s, check=False)
+    report = check_placement(config)  # before building: an unplaceable pool fails before any replica is asked for
+    if on_placed is not None:
+        on_placed(report)
+    app = build_app({"config": str(config_path)})
+    deploy_app(app, config, APP_NAME, timeout_s=timeout_s, check=False, on_healthy=on_healthy)
 
 
 def deploy_app(
@@ -116,6 +137,7 @@ def deploy_app(
     route_prefix: str | None = "/",
     timeout_s: float = PLACEMENT_TIMEOUT_S,
     check: bool = True,
+    on_healthy: Callable[[str], None] | None = None,
 ) -> None:
     """Deploy a Serve application built from `config`'s deployments, guarded by the placement check and the
     watchdog (the multi-node test runs stand-in deployments through this same path)."""
@@ -125,7 +147,7 @@ def deploy_app(
         check_placement(config)
     # Serve's own `run` waits for RUNNING with no limit; deploy without waiting and watch instead.
     serve._run(app, _blocking=False, name=name, route_prefix=route_prefix)
-    wait_until_running(name, placement_demands(config), timeout_s=timeout_s)
+    wait_until_running(name, placement_demands(config), timeout_s=timeout_s, on_healthy=on_healthy)
 
 
 def wait_until_running(
@@ -138,12 +160,14 @@ def wait_until_running(
     nodes: Callable[[], list[placement.NodeCapacity]] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    on_healthy: Callable[[str], None] | None = None,
 ) -> None:
     """Poll Serve until the application runs; never wait silently.
 
     A deployment that is not yet healthy is checked against the live nodes every poll: when no node could ever
     hold one of its replicas (a class with no node, a node that left) it fails at once with the placement
-    check's message. A replica that could fit but waits (a busy cluster, a slow worker start or runtime-env
+    check's message; `on_healthy` hears of each deployment once, when it is first seen healthy. A replica that
+    could fit but waits (a busy cluster, a slow worker start or runtime-env
     install, a large model loading) gets until `timeout_s`; the timeout error repeats what Serve said about it
     (Serve's slow-scheduling notice names the resources it waits for)."""
     if status is None:
@@ -158,11 +182,16 @@ def wait_until_running(
 
     deadline = clock() + timeout_s
     by_name = {placement_name(d.name): d for d in demands}
+    healthy: set[str] = set()
     while True:
         app = status().applications.get(app_name)
         waiting: dict[str, Any] = {}
         if app is not None:
             state = _value(app.status)
+            for name, dep in app.deployments.items():
+                if on_healthy is not None and name not in healthy and _value(dep.status) == "HEALTHY":
+                    healthy.add(name)
+                    on_healthy(name)
             if state == "RUNNING":
                 return
             if state in ("DEPLOY_FAILED", "UNHEALTHY"):
@@ -188,6 +217,19 @@ def wait_until_running(
                 + ("; ".join(detail) or "the application to be created")
             )
         sleep(poll_s)
+
+
+def replica_stats(deployment: str, timeout_s: float = 5.0) -> dict[str, Any] | None:
+    """The stats one replica of a Serve deployment reports (`EngineDeployment.stats`: load, speculation, the
+    speculation guard's verdict where it runs); None when none answers in time."""
+    from ray import serve
+
+    try:
+        result = serve.get_deployment_handle(deployment, APP_NAME).stats.remote().result(timeout_s=timeout_s)
+    except Exception as exc:  # a progress line must not stop the start: the verdict then reads n/a
+        log.warning("no stats from %s: %s", deployment, type(exc).__name__)
+        return None
+    return result if isinstance(result, dict) else None
 
 
 def _value(status: Any) -> str:
@@ -218,12 +260,15 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
-def wait_forever(should_stop: Callable[[], bool] = lambda: False) -> None:
+def wait_forever(should_stop: Callable[[], bool] = lambda: False, ready: Callable[[], None] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, then shut down gracefully: Serve stops taking new requests, each replica
     gets its graceful-shutdown period for the requests in flight (streams finish), then Ray stops — no process
-    is left behind (a SIGTERM's default action would kill this driver and orphan the local Ray)."""
+    is left behind (a SIGTERM's default action would kill this driver and orphan the local Ray). `ready` runs
+    once SIGTERM is handled: what it prints tells a process manager (or a test) it may stop the platform."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if ready is not None:
+            ready()
         while not should_stop():
             time.sleep(1)
     except (KeyboardInterrupt, _Terminated):
