@@ -99,7 +99,7 @@ def test_run_shows_progress_and_summary_and_logs_to_files(tmp_path: Path, bundle
     assert not re.search(r"\b(INFO|WARNING|DEBUG)\b|pid=|ServeReplica|raylet", terminal), terminal
     assert not re.search(r"\b(INFO|WARNING)\b|vllm", err), err  # stderr went to logs/bastion.log
     assert re.search(r"smollm2-135m@deep-context +ready × 1 +speculation off +guard: \S", terminal), terminal
-    assert re.search(r"smollm2-135m@fast-agentic +ready × 1 +speculation ngram k=3 +guard: \S", terminal), terminal
+    assert re.search(r"smollm2-135m@fast-agentic +ready × 1 +speculation mtp k=1 +guard: \S", terminal), terminal
     assert "placement: 2 replicas on 1 node" in terminal
     assert f"http://127.0.0.1:{yaml.safe_load(path.read_text())['gateway']['port']}/v1" in terminal
     assert "Profiles: deep-context, fast-agentic" in terminal and "Console: bastion control serve" in terminal

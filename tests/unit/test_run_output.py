@@ -89,7 +89,7 @@ def test_run_sends_the_logs_to_files_and_prints_a_short_summary(
     assert "placement: 2 replicas on 1 node" in text
     assert "smollm2-135m@deep-context  ready × 1  speculation off" in text
     assert "guard: n/a" in text
-    assert "smollm2-135m@fast-agentic  ready × 1  speculation ngram k=3" in text
+    assert "smollm2-135m@fast-agentic  ready × 1  speculation mtp k=1" in text
     assert "guard: ok (greedy 100%)" in text
     assert "http://127.0.0.1:8000/v1" in text and text.count("bst_test_secret") == 1
     assert "Profiles: deep-context, fast-agentic" in text and "Console: bastion control serve" in text
@@ -171,7 +171,7 @@ def test_speculation_and_placement_texts(platform_file: Path) -> None:
     config = load_config(platform_file)
     deep, fast = config.deployments
     assert run_output.speculation_text(config, deep) == "off"
-    assert run_output.speculation_text(config, fast) == "ngram k=3"
+    assert run_output.speculation_text(config, fast) == "mtp k=1"
     assert run_output.placement_text({"a": ["n1"]}) == "1 replica on 1 node"
     assert run_output.placement_text({"a": ["n1", "n2"], "b": ["n2"]}) == "3 replicas on 2 nodes"
 
