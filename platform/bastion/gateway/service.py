@@ -188,9 +188,10 @@ class GatewayService:
         )
         try:
             with _step(ctx, "route"):
-                ctx.placement = self.upstreams.place(route, upstreams, ctx.session_id, body)
+                tenant = (principal.tenant_id, principal.tenant_name)
+                ctx.placement = await self.upstreams.place_waiting(route, upstreams, ctx.session_id, body, tenant)
         except RoutingError as exc:
-            headers = {"retry-after": "1"} if exc.status == 429 else None
+            headers = {"retry-after": str(exc.retry_after)} if exc.status == 429 else None
             raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param, headers=headers) from None
         with _step(ctx, "limits"):
             reserve = policy.reservation(ctx.prompt_tokens, parsed.completion_limit, ctx.placement.decision.max_context)
