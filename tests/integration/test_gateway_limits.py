@@ -150,14 +150,19 @@ async def test_concurrency_limit(single: Stack, engine: ScriptedEngine) -> None:
     assert [r.status_code for r in await asyncio.gather(*(chat(single, token) for _ in range(2)))] == [200, 200]
 
 
-async def test_tokens_per_minute_counts_completions_after_the_fact(single: Stack) -> None:
-    _, token = await tenant_with_key(single, LimitsConfig(tokens_per_minute=30))
-    first = await chat(single, token)  # 13 prompt + 5 completion = 18
-    assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "30"
-    assert first.headers["x-ratelimit-remaining-tokens"] == "17"  # at admission, before the completion
-    second = await chat(single, token)  # 18 + 13 > 30; without reconciliation 26 would pass
+async def test_tokens_per_minute_reserves_then_settles(single: Stack) -> None:
+    _, token = await tenant_with_key(single, LimitsConfig(tokens_per_minute=40))
+    first = await chat(single, token, max_tokens=10)  # reserves 13 + 10 = 23; uses 13 + 5 = 18
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "40"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "17"  # at admission: the whole reservation
+    second = await chat(single, token, max_tokens=10)  # 18 settled + 23 > 40: the worst case does not fit
     assert second.status_code == 429 and second.json()["error"]["code"] == "tokens_per_minute"
-    assert second.headers["x-ratelimit-remaining-tokens"] == "12"
+    assert "reserves 23 tokens" in second.json()["error"]["message"]
+    assert second.headers["x-ratelimit-remaining-tokens"] == "22"  # the unused 5 were refunded at the end
+    third = await chat(single, token, max_tokens=5)  # 18 + 18 <= 40
+    assert third.status_code == 200 and third.headers["x-ratelimit-remaining-tokens"] == "4"
+    # without max_tokens a request reserves up to the profile's context: far past this limit
+    assert (await chat(single, token)).json()["error"]["code"] == "tokens_per_minute"
 
 
 async def test_per_key_limit_under_a_generous_tenant(single: Stack) -> None:
@@ -176,15 +181,16 @@ async def test_daily_budget_persists_in_the_database(
     single: Stack, tmp_path: Path, database_url: str, engine: ScriptedEngine
 ) -> None:
     _, token = await tenant_with_key(single, LimitsConfig(daily_token_budget=30))
-    assert (await chat(single, token)).status_code == 200  # 18 tokens used
-    refused = await chat(single, token)  # 18 + 13 > 30
+    served = await chat(single, token, max_tokens=5)  # 18 tokens reserved and used
+    assert served.status_code == 200 and served.headers["x-bastion-budget-remaining-tokens"] == "12"
+    refused = await chat(single, token, max_tokens=5)  # 18 + 18 > 30
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
     assert int(refused.headers["retry-after"]) <= 86400
     await single.gateway.flush()
     # A fresh replica without Redis knows only the database: it must refuse too.
     config = platform_config(str(tmp_path), database_url, ["m1"])
     async with gateway_stack(config, engine) as fresh:
-        again = await chat(fresh, token)
+        again = await chat(fresh, token, max_tokens=5)
         assert again.status_code == 429 and again.json()["error"]["type"] == "insufficient_quota"
     usage = await single.client.get("/v1/usage", headers={"authorization": f"Bearer {token}"})
     day = [r for r in usage.json()["data"] if len(r["period"]) == 10]
@@ -198,8 +204,8 @@ async def test_per_key_monthly_budget(single: Stack) -> None:
     key_id = (await single.keys().list(tenant))[0].id
     await single.tenants().set_limits(tenant, LimitsConfig(monthly_token_budget=20), key_id=key_id)
     single.gateway.auth.invalidate()
-    assert (await chat(single, token)).status_code == 200  # 18 tokens
-    refused = await chat(single, token)
+    assert (await chat(single, token, max_tokens=5)).status_code == 200  # 18 tokens
+    refused = await chat(single, token, max_tokens=5)
     assert refused.status_code == 429 and "for this key" in refused.json()["error"]["message"]
     other = (await single.keys().create(tenant)).token
     assert (await chat(single, other)).status_code == 200  # the tenant itself has no budget

@@ -46,7 +46,7 @@ def database_url(sqlite_url: str) -> str:
 
 @pytest.fixture
 async def stack(tmp_path: Path, database_url: str, engine: ScriptedEngine, recorder: Collect) -> AsyncIterator[Stack]:
-    config = platform_config(str(tmp_path), database_url, ["m1"])
+    config = platform_config(str(tmp_path), database_url, ["m1"], queue={"max_length": 0})  # full: refused at once
     async with gateway_stack(config, engine, recorders=[recorder]) as s:
         yield s
 

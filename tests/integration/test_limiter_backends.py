@@ -90,3 +90,19 @@ async def test_redis_counters_use_the_limits_library_keys(redis_url: str) -> Non
         client.close()
     finally:
         await limiter.aclose()
+
+
+async def test_tokens_are_reserved_then_settled(limiter: Limiter) -> None:
+    subjects = _subjects(LimitsConfig(tokens_per_minute=100))
+    first = await limiter.admit("a", subjects, 10, reserve=60)  # prompt 10, max_tokens 50
+    assert first.headers.tokens.remaining == 40
+    with pytest.raises(LimitExceeded) as err:  # 60 + 50 > 100: refused on the worst case, having taken nothing
+        await limiter.admit("b", subjects, 10, reserve=50)
+    assert "reserves 50 tokens" in str(err.value) and err.value.headers.tokens.remaining == 40
+    await limiter.finish(first, 5)  # used 15: 45 refunded
+    second = await limiter.admit("b", subjects, 10, reserve=50)
+    assert second.headers.tokens.remaining == 35
+    await limiter.finish(second, 0, used=70)  # the engine counted more than reserved: the excess is charged
+    with pytest.raises(LimitExceeded):
+        await limiter.admit("c", subjects, 10, reserve=16)  # 85 + 16 > 100
+    assert (await limiter.admit("d", subjects, 10, reserve=15)).headers.tokens.remaining == 0

@@ -97,6 +97,7 @@ def bench_gateway(
     engine_delay_ms: Annotated[
         float, typer.Option(help="scripted engine time per answer (0: saturate; ~20: a real engine's room)")
     ] = 0.0,
+    budget: Annotated[bool, typer.Option("--budget", help="the tenant has a daily token budget too")] = False,
 ) -> None:
     """The gateway's own overhead: full policy path against a bare relay of the same app and scripted engine,
     and the LiteLLM proxy in front of the same engine when it is installed."""
@@ -117,6 +118,7 @@ def bench_gateway(
         litellm=litellm,
         with_litellm=not no_litellm,
         engine_delay_ms=engine_delay_ms,
+        budget=budget,
     )
     out.print(markdown(result), soft_wrap=True, markup=False)
     print(json.dumps(result))

@@ -198,6 +198,8 @@ def platform_config(
     redis_url: str | None = None,
     max_body_bytes: int = 65_536,
     tenant_defaults: dict[str, Any] | None = None,
+    queue: dict[str, Any] | None = None,
+    gateway: dict[str, Any] | None = None,
 ):
     """A minimal valid platform file for gateway tests (the engines themselves come from ScriptedEngine)."""
     from bastion.config.schema import PlatformConfig
@@ -209,10 +211,13 @@ def platform_config(
         "models": [{"name": m, "source": "/nonexistent", "max_model_len": 8192} for m in models],
         "profiles": {"deep-context": {}, "fast-agentic": {"max_context": 2048}},
         "deployments": [{"model": m, "profile": p} for m in models for p in ("deep-context", "fast-agentic")],
-        "gateway": {"max_body_bytes": max_body_bytes},
+        "gateway": {"max_body_bytes": max_body_bytes, **(gateway or {})},
     }
     if tenant_defaults is not None:
         data["tenant_defaults"] = tenant_defaults
+    if queue is not None:  # each profile's fair queue (`profiles.<name>.queue`)
+        for profile in data["profiles"].values():
+            profile["queue"] = queue
     return PlatformConfig.model_validate(data)
 
 

@@ -78,7 +78,7 @@ def serve(
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-async def _setup(data_dir: str, database_url: str) -> str:
+async def _setup(data_dir: str, database_url: str, budget: bool = False) -> str:
     from bastion.bench.doubles import TEST_PEPPER
     from bastion.config.schema import LimitsConfig
     from bastion.db.session import create_engine, session_factory
@@ -89,7 +89,12 @@ async def _setup(data_dir: str, database_url: str) -> str:
     try:
         sessions = session_factory(engine)
         big = 10**9
-        limits = LimitsConfig(requests_per_minute=big, tokens_per_minute=big, concurrent_requests=10_000)
+        limits = LimitsConfig(
+            requests_per_minute=big,
+            tokens_per_minute=big,
+            concurrent_requests=10_000,
+            daily_token_budget=big if budget else None,  # reserved and settled per request like TPM
+        )
         await TenantService(sessions).create("bench", limits=limits)
         return (await KeyService(sessions, TEST_PEPPER).create("bench")).token
     finally:
@@ -249,6 +254,7 @@ def run_gateway_bench(
     litellm: str | None = None,
     with_litellm: bool = True,
     engine_delay_ms: float = 0.0,
+    budget: bool = False,
 ) -> dict[str, Any]:
     """Start the servers, measure each concurrency level against each, stop them; returns the numbers.
 
@@ -257,6 +263,7 @@ def run_gateway_bench(
     engine_delay_ms: how long the scripted engine takes per answer. 0 saturates the machine (throughput, CPU per
     request); a real engine's tens of milliseconds leave it room, so the added latency is the gateway's own
     work rather than the queue of a CPU-bound closed loop.
+    budget: give the tenant a daily token budget too (its reservation and settlement join every request).
     """
     from bastion.bench.gateway_http import LITELLM_KEY, find_litellm, start_litellm
     from bastion.db import migrate
@@ -265,7 +272,7 @@ def run_gateway_bench(
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as data_dir:
         database_url = f"sqlite+aiosqlite:///{Path(data_dir) / 'bench.db'}"
         migrate.upgrade(database_url)
-        token = asyncio.run(_setup(data_dir, database_url))
+        token = asyncio.run(_setup(data_dir, database_url, budget))
         procs: dict[str, subprocess.Popen[bytes]] = {}
         urls: dict[str, str] = {}
         engine_url = None
@@ -317,6 +324,7 @@ def run_gateway_bench(
     return {
         "load_average_1m": round(os.getloadavg()[0], 2),
         "limiter": "redis" if redis_url else "in-process",
+        "budget": "daily budget reserved and settled" if budget else "none (TPM reserved and settled)",
         "database": "sqlite",
         "engine": "scripted over HTTP on 127.0.0.1" if engine == "http" else "scripted, in process",
         "engine_delay_ms": engine_delay_ms,
@@ -371,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--budget", action="store_true")
     args = parser.parse_args(argv)
     if args.serve:
         serve(
@@ -392,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         litellm=args.litellm,
         with_litellm=not args.no_litellm,
         engine_delay_ms=args.engine_delay_ms,
+        budget=args.budget,
     )
     print(markdown(result))
     print(json.dumps(result))

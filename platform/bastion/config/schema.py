@@ -63,8 +63,17 @@ Speculation = Annotated[
 ]
 
 
+class QueueConfig(Strict):
+    """The fair queue in front of a profile (docs/gateway.md): requests wait here while every upstream of the
+    profile is at max_ongoing_requests, served by weighted fair share across tenants. Per gateway replica."""
+
+    max_length: int = Field(default=64, ge=0, le=100_000, description="waiting requests at most; 0: no queue")
+    max_wait_s: float = Field(default=5.0, gt=0, le=600, description="then 429 with Retry-After")
+
+
 class ProfileConfig(Strict):
     speculative: Speculation = SpeculationOff()
+    queue: QueueConfig = QueueConfig()
     kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     max_context: int | None = Field(default=None, gt=0, description="cap below the model's max_model_len")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
@@ -171,6 +180,16 @@ class GatewayConfig(Strict):
     # While the database is unreachable, keys seen within this many seconds keep working (0: none do);
     # revocations announced over Redis still take effect at once.
     key_cache_when_db_down_s: float = Field(default=300.0, ge=0, le=3600)
+    # A tenant's share of a full profile's queue (by tenant name; others weigh 1): weight 2 starts twice as many.
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not 0.1 <= weight <= 100:
+                raise ValueError(f"gateway.tenant_weights.{name}: a weight is between 0.1 and 100, not {weight}")
+        return value
 
 
 class ControlConfig(Strict):

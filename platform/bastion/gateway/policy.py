@@ -25,7 +25,7 @@ from bastion.routing.profiles import RoutingDecision
 from bastion.telemetry.tracing import RequestTrace
 from bastion.tenancy import key_material
 from bastion.tenancy.authenticator import Authenticator, AuthFailure, KeyStoreUnavailable, Principal
-from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
+from bastion.tenancy.budgets import BudgetExhausted, BudgetHold, BudgetTracker
 from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.limiter_plan import Admission, LimitExceeded, RateHeaders, RedisUnavailable, Subject
 
@@ -48,6 +48,7 @@ class RequestContext:
     stream: bool = False
     placement: Placement | None = None  # the upstream it went to, counted in flight there until the end
     admission: Admission | None = None
+    budget_hold: BudgetHold | None = None  # the reservation against daily/monthly budgets, settled at the end
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: int = 200
@@ -201,27 +202,48 @@ def _limiter_down() -> ApiError:
     return ApiError(503, message, code="limiter_unavailable", headers={"retry-after": "1"})
 
 
+def reservation(prompt_tokens: int, max_tokens: int | None, max_context: int | None) -> int:
+    """A request's worst case: prompt + max_tokens, or the profile's context when it sets no max_tokens (the
+    most the engine would generate)."""
+    if max_tokens is not None:
+        return prompt_tokens + max_tokens
+    if max_context is not None:
+        return max(max_context, prompt_tokens)
+    return prompt_tokens
+
+
 async def admit(
-    limiter: Limiter, budgets: BudgetTracker, ctx: RequestContext, principal: Principal, prompt_tokens: int
+    limiter: Limiter,
+    budgets: BudgetTracker,
+    ctx: RequestContext,
+    principal: Principal,
+    prompt_tokens: int,
+    reserve: int | None = None,
 ) -> Admission:
-    """Budgets (read-only), concurrency and windows at once; a refusal anywhere undoes the rest."""
+    """Budgets, concurrency and windows at once, each reserving `reserve` tokens (default: the prompt); a refusal
+    anywhere undoes the rest. The budget reservation is left on `ctx.budget_hold`."""
     levels = subjects(principal)
     has_budget = any(s.limits.daily_token_budget or s.limits.monthly_token_budget for s in levels)
     tenant = principal.tenant_name
+    reserve = prompt_tokens if reserve is None else reserve
     if not has_budget:
         try:
-            return await limiter.admit(ctx.request_id, levels, prompt_tokens, tenant=tenant)
+            return await limiter.admit(ctx.request_id, levels, prompt_tokens, reserve=reserve, tenant=tenant)
         except LimitExceeded as exc:
             raise _limit_error(exc) from None
         except RedisUnavailable:
             raise _limiter_down() from None
     budget, admitted = await asyncio.gather(
-        budgets.check(levels, prompt_tokens, ctx.started_at),
-        limiter.admit(ctx.request_id, levels, prompt_tokens, tenant=tenant),
+        budgets.reserve(ctx.request_id, levels, reserve, ctx.started_at),
+        limiter.admit(ctx.request_id, levels, prompt_tokens, reserve=reserve, tenant=tenant),
         return_exceptions=True,
     )
     if isinstance(budget, BaseException) and isinstance(admitted, Admission):
         await limiter.cancel(admitted)
+    if isinstance(admitted, BaseException) and isinstance(budget, BudgetHold):
+        await budgets.settle(budget, 0)  # the reservation is given back whole
+    if isinstance(budget, BudgetHold):
+        ctx.budget_hold = budget
     if isinstance(budget, BudgetExhausted):
         raise ApiError(
             429,
@@ -243,6 +265,8 @@ async def admit(
 
 def rate_headers(ctx: RequestContext) -> dict[str, str]:
     headers = ctx.admission.headers.as_headers() if ctx.admission is not None else RateHeaders().as_headers()
+    if ctx.budget_hold is not None:
+        headers["x-bastion-budget-remaining-tokens"] = str(max(ctx.budget_hold.remaining, 0))
     if ctx.decision is not None:
         headers["x-bastion-profile"] = ctx.decision.profile
         headers["x-bastion-routing-reason"] = ctx.decision.reason

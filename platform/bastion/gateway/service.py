@@ -188,12 +188,14 @@ class GatewayService:
         )
         try:
             with _step(ctx, "route"):
-                ctx.placement = self.upstreams.place(route, upstreams, ctx.session_id, body)
+                tenant = (principal.tenant_id, principal.tenant_name)
+                ctx.placement = await self.upstreams.place_waiting(route, upstreams, ctx.session_id, body, tenant)
         except RoutingError as exc:
-            headers = {"retry-after": "1"} if exc.status == 429 else None
+            headers = {"retry-after": str(exc.retry_after)} if exc.status == 429 else None
             raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param, headers=headers) from None
         with _step(ctx, "limits"):
-            ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens)
+            reserve = policy.reservation(ctx.prompt_tokens, parsed.completion_limit, ctx.placement.decision.max_context)
+            ctx.admission = await policy.admit(self.limiter, self.budgets, ctx, principal, ctx.prompt_tokens, reserve)
         keep_usage = bool(parsed.stream and parsed.stream_options and parsed.stream_options.include_usage)
         try:
             try:
@@ -337,7 +339,7 @@ class GatewayService:
     # --- the end of every request ------------------------------------------------------------------------
 
     async def _finish(self, ctx: RequestContext) -> None:
-        """Free slots, reconcile tokens, advance budgets, hand the record over; never raises."""
+        """Free slots, settle reservations to the tokens used, hand the record over; never raises."""
         if ctx.finished:
             return
         ctx.finished = True
@@ -345,9 +347,14 @@ class GatewayService:
             self.upstreams.release(ctx.decision.upstream)
         try:
             if ctx.admission is not None:
-                await self.limiter.finish(ctx.admission, ctx.completion_tokens)
                 tokens = ctx.prompt_tokens + ctx.completion_tokens
-                await self.budgets.add(ctx.admission.subjects, tokens, ctx.started_at)
+                if ctx.budget_hold is None:
+                    await self.limiter.finish(ctx.admission, ctx.completion_tokens, used=tokens)
+                else:  # two scripts, one round trip's wait
+                    await asyncio.gather(
+                        self.limiter.finish(ctx.admission, ctx.completion_tokens, used=tokens),
+                        self.budgets.settle(ctx.budget_hold, tokens),
+                    )
         except Exception:
             log.exception("limit release failed (request %s)", ctx.request_id)
         record = self.to_record(ctx)

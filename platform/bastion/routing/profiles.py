@@ -64,11 +64,15 @@ class RoutingDecision:
 class RoutingError(Exception):
     """A request routing cannot place; `status` and `code` map onto an OpenAI error response."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, profile: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.param = param
+        self.profile = profile  # the profile that was full (429s): the gateway may queue the request for it
+        self.retry_after = 1  # seconds, for a 429
 
 
 def split_model(name: str) -> tuple[str, str | None]:
@@ -152,6 +156,7 @@ def choose(
                 "profile_saturated",
                 f"Profile `{chosen.profile}` is at capacity ({chosen.max_ongoing_requests} requests in flight) and "
                 f"was requested explicitly; retry shortly or let Bastion choose the profile",
+                profile=chosen.profile,
             )
         return RoutingDecision(chosen.profile, chosen.name, f"explicit:{via}", chosen.max_context)
 
@@ -176,4 +181,5 @@ def choose(
         429,
         "capacity_exhausted",
         f"Every profile that can serve this request is at capacity (wanted `{chosen.profile}`); retry shortly",
+        profile=chosen.profile,
     )

@@ -20,6 +20,7 @@ from bastion.config.token_files import read_token
 from bastion.db.session import create_engine, session_factory
 from bastion.gateway.app import create_app
 from bastion.gateway.engine_client import EngineClient
+from bastion.gateway.fair_queue import FairQueues
 from bastion.gateway.service import GatewayParts, GatewayService
 from bastion.gateway.upstream_choice import UpstreamChoice
 from bastion.pool.live_stats import load_token
@@ -91,8 +92,13 @@ def create_gateway_app(
         stale_s=config.gateway.key_cache_when_db_down_s,
         guard=guard,
     )
+    queues = FairQueues(
+        {name: (p.queue.max_length, p.queue.max_wait_s) for name, p in config.profiles.items()},
+        config.gateway.tenant_weights,
+        on_wait=metrics.observe_queue_wait,
+    )
     parts = GatewayParts(
-        upstreams=UpstreamChoice(engine_client, routing),
+        upstreams=UpstreamChoice(engine_client, routing, queues),
         auth=authenticator,
         limiter=limiter,
         budgets=BudgetTracker(sessions, limiter.redis),
@@ -103,6 +109,7 @@ def create_gateway_app(
     )
     gateway = GatewayService(parts, max_body_bytes=config.gateway.max_body_bytes, flush_interval_s=flush_interval_s)
     metrics.watch_in_flight(lambda: gateway.in_flight)
+    metrics.watch_queues(queues.depth)
     metrics.watch_limiter(limiter)
     return create_app(
         config,

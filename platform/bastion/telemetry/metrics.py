@@ -72,6 +72,7 @@ class _StateCollector(Collector):
 
     def __init__(self) -> None:
         self.in_flight: Callable[[], Mapping[str, int]] | None = None
+        self.queue_depth: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.audit: AuditSource | None = None
         self.limiter: LimiterSource | None = None
 
@@ -84,6 +85,15 @@ class _StateCollector(Collector):
         for upstream, count in sorted((self.in_flight() if self.in_flight else {}).items()):
             flight.add_metric([upstream], count)
         yield flight
+        if self.queue_depth is not None:
+            depth = GaugeMetricFamily(
+                "bastion_queue_depth",
+                "Requests waiting in this gateway replica's fair queue for a full profile, per tenant and profile",
+                labels=["tenant", "profile"],
+            )
+            for (tenant, profile), count in sorted(self.queue_depth().items()):
+                depth.add_metric([tenant, profile], count)
+            yield depth
         if self.audit is not None:
             yield GaugeMetricFamily(
                 "bastion_audit_queue_depth", "Audit events accepted but not yet durable", value=self.audit.queue_depth
@@ -163,6 +173,13 @@ class GatewayMetrics:
             ["tenant", "limit"],
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "bastion_queue_wait_seconds",
+            "Time a request waited in a full profile's fair queue (this gateway replica), per tenant and profile",
+            ["tenant", "profile"],
+            registry=r,
+            buckets=_TTFT_BUCKETS,
+        )
         self.state = _StateCollector()
         r.register(self.state)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -180,6 +197,20 @@ class GatewayMetrics:
 
     def watch_in_flight(self, source: Callable[[], Mapping[str, int]]) -> None:
         self.state.in_flight = source
+
+    def watch_queues(self, depth: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        def folded() -> dict[tuple[str, str], int]:
+            out: dict[tuple[str, str], int] = {}
+            for (tenant, profile), n in depth().items():
+                key = (self.tenant(tenant), profile)
+                out[key] = out.get(key, 0) + n
+            return out
+
+        self.state.queue_depth = folded
+
+    def observe_queue_wait(self, tenant_id: str, profile: str, seconds: float) -> None:
+        """One request's time in a profile's fair queue (whether it got a slot or gave up)."""
+        self._child(self.queue_wait, self.tenant(tenant_id), profile).observe(seconds)
 
     def watch_audit(self, writer: AuditSource) -> None:
         self.state.audit = writer

@@ -2,8 +2,10 @@
 
 Windows (requests and tokens per minute) are fixed one-minute windows (the `limits` library's items and keys);
 concurrency is a set of in-flight request ids per subject. Every admission is all-or-none: a request is charged
-to every window and takes every slot it is subject to, or is refused having taken nothing. Completion tokens
-are added to the token windows when the request ends (they cannot be known before).
+to every window and takes every slot it is subject to, or is refused having taken nothing. Token windows are
+reserve-then-settle: admission charges the worst case (prompt + max_tokens, `reserve`), so requests admitted
+at the same moment cannot overrun a limit together; the end settles to what was really used (the difference
+refunded). A crashed replica's reservation lapses with its window (one minute at most).
 
 Two backends behind one interface: Redis (`limiter_redis.py`: one script per admission and one per release, so
 two gateway replicas can never admit more than a limit together; slots older than `lease_s` are dropped, so a
@@ -98,14 +100,22 @@ class Limiter:
     # --- the calls the gateway makes ----------------------------------------------------------------------
 
     async def admit(
-        self, request_id: str, subjects: list[Subject], prompt_tokens: int, *, tenant: str | None = None
+        self,
+        request_id: str,
+        subjects: list[Subject],
+        prompt_tokens: int,
+        *,
+        reserve: int | None = None,
+        tenant: str | None = None,
     ) -> Admission:
         """Take slots and charge the windows for one request, or raise LimitExceeded having kept nothing.
 
+        `reserve`: tokens charged to the token windows until `finish` settles them (default: the prompt).
         `tenant` (id or name) picks the policy when Redis is down: RedisUnavailable for `refuse`."""
         plan = plan_for(tuple(subjects))
+        reserved = prompt_tokens if reserve is None else max(reserve, prompt_tokens)
         if self._redis is not None and time.monotonic() >= self._down_until:
-            admission = Admission(request_id, subjects, prompt_tokens, RateHeaders(), plan=plan)
+            admission = Admission(request_id, subjects, prompt_tokens, RateHeaders(), reserved, plan=plan)
             try:
                 await self._admit_redis(admission)
             except REDIS_DOWN as exc:
@@ -118,7 +128,7 @@ class Limiter:
                 self.redis_refusals += 1
                 raise RedisUnavailable("the rate limiter's store (Redis) is unavailable")
             self.fallback_admissions += 1
-        admission = Admission(request_id, subjects, prompt_tokens, RateHeaders(), local=True, plan=plan)
+        admission = Admission(request_id, subjects, prompt_tokens, RateHeaders(), reserved, local=True, plan=plan)
         self._admit_local(admission)
         return admission
 
@@ -131,17 +141,20 @@ class Limiter:
         charged, admission.charged = admission.charged, []
         await self._release_redis(admission, [(key, expiry, -cost) for key, expiry, cost in charged])
 
-    async def finish(self, admission: Admission, completion_tokens: int) -> None:
-        """Free the request's slots and add its completion tokens to the token windows (idempotent)."""
+    async def finish(self, admission: Admission, completion_tokens: int, *, used: int | None = None) -> None:
+        """Free the request's slots and settle its reservation to the tokens it used (idempotent).
+
+        `used`: prompt + completion tokens as the engine counted them (default: the admitted prompt + completion)."""
         if admission.finished:
             return
         admission.finished = True
+        delta = (admission.prompt_tokens + completion_tokens if used is None else used) - admission.reserved
         if admission.local:
-            self._release_local(admission, refund=False, completion_tokens=completion_tokens)
+            self._release_local(admission, refund=False, settle=delta)
             return
-        tokens = [(w.key, w.item.get_expiry(), completion_tokens) for w in admission.plan.token_windows]
+        tokens = [(w.key, w.item.get_expiry(), delta) for w in admission.plan.token_windows]
         try:
-            await self._release_redis(admission, tokens if completion_tokens > 0 else [])
+            await self._release_redis(admission, tokens if delta != 0 else [])
         except REDIS_DOWN as exc:  # the slot's lease frees it later; nothing to tell the client
             self._mark_down(exc)
 
@@ -152,7 +165,7 @@ class Limiter:
         counts, ends = [], []
         for window in plan.windows:
             count, end = windows.peek(window.key, now)
-            counts.append(count + window.cost(admission.prompt_tokens))
+            counts.append(count + window.cost(admission.reserved))
             ends.append(end if end is not None else now + window.item.get_expiry())
         refusal = judge_windows(admission, counts, ends, now)
         full = next((s for s, key, limit in plan.slots if self._slots.full(key, limit)), None)
@@ -161,37 +174,38 @@ class Limiter:
         if refusal is not None:
             raise refusal
         for window in plan.windows:
-            windows.add(window.key, window.cost(admission.prompt_tokens), window.item.get_expiry(), now)
+            windows.add(window.key, window.cost(admission.reserved), window.item.get_expiry(), now)
         for _, key, _ in plan.slots:
             self._slots.take(key)
         admission.held = [key for _, key, _ in plan.slots]
 
-    def _release_local(self, admission: Admission, *, refund: bool, completion_tokens: int = 0) -> None:
+    def _release_local(self, admission: Admission, *, refund: bool, settle: int = 0) -> None:
         held, admission.held = admission.held, []
         for key in held:
             self._slots.release(key)
         now = time.time()
         if refund:
             for window in admission.plan.windows:
-                self._windows.add(window.key, -window.cost(admission.prompt_tokens), window.item.get_expiry(), now)
-        elif completion_tokens > 0:
+                self._windows.add(window.key, -window.cost(admission.reserved), window.item.get_expiry(), now)
+        elif settle != 0:  # used - reserved: a refund when negative
             for window in admission.plan.token_windows:
-                self._windows.add(window.key, completion_tokens, window.item.get_expiry(), now)
+                self._windows.add(window.key, settle, window.item.get_expiry(), now)
 
     # --- Redis --------------------------------------------------------------------------------------------
 
     async def _admit_redis(self, admission: Admission) -> None:
         assert self._shared is not None
         plan = admission.plan
-        verdict, counts, ends, now = await self._shared.admit(admission.request_id, plan, admission.prompt_tokens)
+        verdict, counts, ends, now = await self._shared.admit(admission.request_id, plan, admission.reserved)
         refusal = judge_windows(admission, counts, ends, now)
         if verdict < 0:
             raise slot_refusal(plan.slots[-verdict - 1][0], admission.headers)
         if verdict > 0:  # the script refused a window (judge_windows, reading the same counts, names it)
             window = plan.windows[verdict - 1]
-            raise refusal or window_refusal(window, WindowState(window.item.amount, -1, 60.0), admission.prompt_tokens)
+            state = WindowState(window.item.amount, -1, 60.0)
+            raise refusal or window_refusal(window, state, admission.reserved, admission.prompt_tokens)
         admission.held = [key for _, key, _ in plan.slots]
-        admission.charged = [(w.key, w.item.get_expiry(), w.cost(admission.prompt_tokens)) for w in plan.windows]
+        admission.charged = [(w.key, w.item.get_expiry(), w.cost(admission.reserved)) for w in plan.windows]
 
     async def _release_redis(self, admission: Admission, amounts: list[tuple[str, int, int]]) -> None:
         assert self._shared is not None

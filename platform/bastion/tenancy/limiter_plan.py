@@ -79,11 +79,16 @@ class Admission:
     subjects: list[Subject]
     prompt_tokens: int
     headers: RateHeaders
+    reserved: int = -1  # tokens reserved against the token windows (prompt + max_tokens); -1: the prompt only
     held: list[str] = field(default_factory=list)  # concurrency keys holding this request
     charged: list[tuple[str, int, int]] = field(default_factory=list)  # window key, expiry, cost
     finished: bool = False
     local: bool = False  # admitted by the in-process limiter (no Redis configured, or Redis was down)
     plan: Plan = field(default=None, repr=False)  # type: ignore[assignment]  # set by Limiter.admit
+
+    def __post_init__(self) -> None:
+        if self.reserved < 0:
+            self.reserved = self.prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ class Window:
     item: RateLimitItem
     key: str  # the `limits` library's key, the same in Redis and in process
 
-    def cost(self, prompt_tokens: int) -> int:
-        return 1 if self.kind == RPM else prompt_tokens
+    def cost(self, reserved: int) -> int:
+        """What an admission charges: one request, or the tokens it reserves (settled when it ends)."""
+        return 1 if self.kind == RPM else reserved
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ def _make_plan(subjects: tuple[Subject, ...]) -> Plan:
 def judge_windows(admission: Admission, counts: list[int], ends: list[float], now: float) -> LimitExceeded | None:
     """Fill the admission's headers from the windows' counts after this request's charge; the first window it
     overflows, as a refusal (both backends share this, so they answer alike)."""
-    prompt_tokens = admission.prompt_tokens
+    reserved = admission.reserved
     tightest: dict[str, WindowState] = {}
     refusal: LimitExceeded | None = None
     for window, count, end in zip(admission.plan.windows, counts, ends, strict=True):
@@ -154,7 +160,7 @@ def judge_windows(admission: Admission, counts: list[int], ends: list[float], no
         if mine is None or state.remaining < mine.remaining:
             tightest[window.kind] = state
         if state.remaining < 0 and refusal is None:
-            refusal = window_refusal(window, state, prompt_tokens)
+            refusal = window_refusal(window, state, reserved, admission.prompt_tokens)
     headers = admission.headers
     headers.requests = tightest.get(RPM, headers.requests)
     headers.tokens = tightest.get(TPM, headers.tokens)
@@ -168,17 +174,17 @@ def judge_windows(admission: Admission, counts: list[int], ends: list[float], no
     return refusal
 
 
-def window_refusal(window: Window, state: WindowState, prompt_tokens: int) -> LimitExceeded:
+def window_refusal(window: Window, state: WindowState, reserved: int, prompt_tokens: int) -> LimitExceeded:
     amount, scope = window.item.amount, window.subject.scope
     if window.kind == RPM:
         refused = WindowState(amount, 0, state.reset_s)
         message = f"Rate limit reached: {amount} requests per minute for this {scope}"
     else:
-        refused = WindowState(amount, max(state.remaining + prompt_tokens, 0), state.reset_s)
-        message = (
-            f"Rate limit reached: {amount} tokens per minute for this {scope} "
-            f"(this request needs {prompt_tokens} prompt tokens)"
-        )
+        refused = WindowState(amount, max(state.remaining + reserved, 0), state.reset_s)
+        needs = f"{prompt_tokens} prompt tokens"
+        if reserved != prompt_tokens:
+            needs = f"{reserved} tokens: {needs} + up to {reserved - prompt_tokens} completion tokens"
+        message = f"Rate limit reached: {amount} tokens per minute for this {scope} (this request reserves {needs})"
     error = LimitExceeded(window.kind, scope, message, state.reset_s, RateHeaders())
     error.refused_state = refused
     return error

@@ -77,13 +77,13 @@ class RedisLimits:
         self._release = redis.register_script(_RELEASE)
         self._lease_s = lease_s
 
-    async def admit(self, request_id: str, plan: Plan, prompt_tokens: int) -> tuple[int, list[int], list[float], float]:
+    async def admit(self, request_id: str, plan: Plan, reserved: int) -> tuple[int, list[int], list[float], float]:
         """(verdict, each window's count after this request, each window's end, now): see `_ADMIT`."""
         keys = [key for _, key, _ in plan.slots] + [KEY_PREFIX + w.key for w in plan.windows]
         args: list[float | int | str] = [time.time(), self._lease_s, request_id, len(plan.slots)]
         args += [limit for _, _, limit in plan.slots]
         for w in plan.windows:
-            args += [w.item.get_expiry(), w.item.amount, w.cost(prompt_tokens)]
+            args += [w.item.get_expiry(), w.item.amount, w.cost(reserved)]
         out = await self._admit(keys=keys, args=args)
         now = time.time()
         counts = [int(c) for c in out[1::2]]
