@@ -9,6 +9,7 @@ from bastion.audit.errors import AuditError, AuditKeyError
 from bastion.audit.events import (
     AdminEvent,
     AuthFailureEvent,
+    EngineGuardEvent,
     Event,
     EventBase,
     EventContent,
@@ -26,6 +27,7 @@ __all__ = [
     "AuditKeyError",
     "AuditWriter",
     "AuthFailureEvent",
+    "EngineGuardEvent",
     "Event",
     "EventBase",
     "EventContent",

@@ -16,6 +16,7 @@ from bastion.gateway.upstream import UpstreamInfo
 from bastion.gateway.upstreams import CombinedEngineClient
 from bastion.pool.live import load_token
 from bastion.serve.engine_client import RayEngineClient
+from bastion.serve.guard_watch import GuardWatch
 from bastion.serve.pool_stats import add_pool_stats_route
 from bastion.telemetry.logging import configure_logging
 
@@ -38,6 +39,9 @@ class GatewayIngress:
         self.audit = await build_writer(self.config).start()
         methods = {name: p.speculative.method for name, p in self.config.profiles.items()}
         self.recorder = AuditRecorder(self.audit, methods)
+        # Replicas that fail their speculation guard: one audit event each (the engine has no audit log).
+        self.guard_watch = GuardWatch(self.audit.enqueue, {info["name"]: (info, h) for info, h in upstreams})
+        self.guard_watch.start()
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.config, self.engine, recorders=[self.recorder])
@@ -46,5 +50,6 @@ class GatewayIngress:
         return app
 
     async def __del__(self) -> None:
+        await self.guard_watch.stop()
         await self.external.aclose()
         await self.audit.close(timeout=10)
