@@ -23,6 +23,8 @@ from bastion.engine.guard import GuardSettings
 from bastion.engine.model_store import model_path
 from bastion.errors import EngineConfigError
 
+WORKER_EXTENSION = "bastion.engine.vllm_plugin.WorkerControl"
+
 # Keys under which checkpoints declare their multi-token-prediction layers.
 _MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")
 
@@ -113,6 +115,8 @@ def engine_spec(config: PlatformConfig, dep: DeploymentConfig) -> EngineSpec:
         "disable_log_stats": False,  # vLLM's own counters feed routing, dashboards and reconciliation
         "tensor_parallel_size": max(dep.gpus_per_replica, 1),
         "enable_prefix_caching": True,
+        # bastion_set_cpu_fix in the worker process (vllm_plugin.py): tests switch the CPU fix off and on
+        "worker_extension_cls": WORKER_EXTENSION,
     }
     if spec_config is not None:
         kwargs["speculative_config"] = spec_config
