@@ -23,10 +23,10 @@ from bastion.engine.canaries import (
     render,
     vllm_version,
 )
-from bastion.engine.guard import run_canaries, temperature_key
+from bastion.engine.guard import run_canaries, sample_statistic, temperature_key
 
 log = logging.getLogger(__name__)
-ROUNDS = 3  # sampled rounds: their spread documents how far an honest round moves
+ROUNDS = 4  # sampled rounds: their mean is the baseline, their spread shows how far an honest round moves
 TEMPERATURES = (0.7, 1.0)
 
 
@@ -52,10 +52,11 @@ async def record_with_engine(
     sampled = {}
     for t in temperatures:
         key = temperature_key(t)
-        means = [sum(r.scores[key]) / len(r.scores[key]) for r in runs if r.scores[key]]
-        tokens = sum(len(r.scores[key]) for r in runs)
-        total = sum(sum(r.scores[key]) for r in runs)
-        sampled[key] = SampledBaseline(round(total / max(tokens, 1), 4), [round(m, 4) for m in means], tokens)
+        stats = [m for r in runs if (m := sample_statistic(r.scores[key])) is not None]
+        if not stats:
+            raise RuntimeError(f"no sampled canary tokens at T={key} without speculation")
+        tokens = sum(len(v) for r in runs for v in r.scores[key].values())
+        sampled[key] = SampledBaseline(round(sum(stats) / len(stats), 4), [round(m, 4) for m in stats], tokens)
     return Golden(
         canary_sha=canary_set_sha(canaries),
         model_fingerprint=model_fingerprint(model_dir),

@@ -11,9 +11,14 @@ batch of greedy rows alone never takes that path. Then:
 - sampled: speculative sampling is lossless in distribution, not in sample path, so samples cannot be compared
   token for token. Their tokens are scored by the target model instead, with a prefill of prompt + sample
   (`prompt_logprobs`, `max_tokens=1`): a prefill drafts nothing and runs no verification, so the score is the
-  target's own whatever the speculative path did. The mean log-probability per token must lie within
-  `guard_logprob_margin` of the mean recorded at prepare time from samples drawn without speculation. Corrupted
-  sampling draws from a flattened distribution, whose tokens the target scores many nats lower.
+  target's own whatever the speculative path did. The statistic is the median over canaries of each sample's
+  mean log-probability per token (one honest sample that wanders into unlikely text moves a plain mean by more
+  than a nat at T = 1; corruption lowers every canary). It must lie within `guard_logprob_margin` of the same
+  statistic recorded at prepare time from samples drawn without speculation. Corrupted sampling draws from a
+  flattened distribution, whose tokens the target scores several nats lower.
+
+A failed round is confirmed by a second round at once before the verdict stands: corruption fails every round,
+an honest outlier hardly ever twice in a row, and a failure takes the replica out of routing for good.
 
 Kept free of vLLM imports at module level: the verdict logic is pure and unit-tested; the engine calls take any
 object with vLLM's `AsyncLLM.generate` signature.
@@ -56,7 +61,7 @@ class GuardSettings:
 @dataclass
 class CanaryRun:
     greedy: dict[str, list[int]]
-    scores: dict[str, list[float]]  # temperature (text) -> target log-prob of every sampled token, all canaries
+    scores: dict[str, dict[str, list[float]]]  # temperature (text) -> canary id -> target log-prob of each token
     seconds: float = 0.0
     ties: dict[str, bool] = field(default_factory=dict)  # canary id -> its first difference is a near-tie flip
 
@@ -112,6 +117,15 @@ def greedy_match_rate(
     return same / total
 
 
+def sample_statistic(per_canary: dict[str, list[float]]) -> float | None:
+    """Median over canaries of each sample's mean target log-prob per token (None without tokens)."""
+    means = sorted(sum(v) / len(v) for v in per_canary.values() if v)
+    if not means:
+        return None
+    mid = len(means) // 2
+    return means[mid] if len(means) % 2 else (means[mid - 1] + means[mid]) / 2
+
+
 def judge(run: CanaryRun, golden: Golden, settings: GuardSettings, trigger: str) -> Verdict:
     """The verdict of one canary round against the golden record (pure)."""
     reasons = []
@@ -121,16 +135,15 @@ def judge(run: CanaryRun, golden: Golden, settings: GuardSettings, trigger: str)
     sampled, baseline = {}, {}
     for t in settings.temperatures:
         key = temperature_key(t)
-        scores = run.scores.get(key) or []
         base: SampledBaseline | None = golden.sampled.get(key)
         if base is None:
             reasons.append(f"no baseline for T={key} in the golden record")
             continue
         baseline[key] = base.mean
-        if not scores:
+        mean = sample_statistic(run.scores.get(key) or {})
+        if mean is None:
             reasons.append(f"no sampled tokens at T={key}")
             continue
-        mean = sum(scores) / len(scores)
         sampled[key] = mean
         if not math.isfinite(mean) or abs(mean - base.mean) > settings.logprob_margin:
             reasons.append(
@@ -206,11 +219,11 @@ async def run_canaries(
         if t is None:
             greedy[cid] = ids
         else:
-            pending.append((temperature_key(t), prompts[cid], ids))
-    scored = await asyncio.gather(*(score_tokens(engine, p, o) for _, p, o in pending))
-    scores: dict[str, list[float]] = {temperature_key(t): [] for t in temperatures}
-    for (key, _, _), values in zip(pending, scored, strict=True):
-        scores[key].extend(values)
+            pending.append((temperature_key(t), cid, prompts[cid], ids))
+    scored = await asyncio.gather(*(score_tokens(engine, p, o) for _, _, p, o in pending))
+    scores: dict[str, dict[str, list[float]]] = {temperature_key(t): {} for t in temperatures}
+    for (key, cid, _, _), values in zip(pending, scored, strict=True):
+        scores[key][cid] = values
     ties: dict[str, bool] = {}
     for cid, want in (golden or {}).items():
         have = greedy.get(cid, [])
@@ -247,16 +260,11 @@ class SpeculationGuard:
         return UNCHECKED if self.last is None else OK if self.last.ok else FAILED
 
     async def check(self, engine: Any, trigger: str) -> Verdict:
-        async with self._lock:  # one round at a time: a round already running answers for both
-            run = await run_canaries(
-                engine,
-                self.prompts,
-                self.settings.temperatures,
-                self.max_tokens,
-                self.golden.greedy,
-                self.settings.tie_margin,
-            )
-            verdict = judge(run, self.golden, self.settings, trigger)
+        async with self._lock:  # one round at a time
+            verdict = await self._round(engine, trigger)
+            if not verdict.ok:  # confirm at once: corruption fails every round, an honest outlier hardly twice
+                log.warning("speculation guard (%s): %s; confirming", trigger, verdict.line())
+                verdict = await self._round(engine, trigger)
             self.checks += 1
             self.failures += 0 if verdict.ok else 1
             self.last = verdict
@@ -264,6 +272,17 @@ class SpeculationGuard:
             self.last_check_at = time.monotonic()
             (log.info if verdict.ok else log.error)("speculation guard (%s): %s", trigger, verdict.line())
             return verdict
+
+    async def _round(self, engine: Any, trigger: str) -> Verdict:
+        run = await run_canaries(
+            engine,
+            self.prompts,
+            self.settings.temperatures,
+            self.max_tokens,
+            self.golden.greedy,
+            self.settings.tie_margin,
+        )
+        return judge(run, self.golden, self.settings, trigger)
 
     def note_request(self, body: dict[str, Any], response: dict[str, Any] | None) -> None:
         """Count a finished request; feed its own token logprobs to the live signal when it asked for them."""
