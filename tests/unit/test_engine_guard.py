@@ -283,3 +283,27 @@ def test_guard_watch_audits_each_failed_replica_once() -> None:
     record = event.record()
     assert record["kind"] == "engine_guard"
     assert record["payload"]["reason"] == "greedy 3%" and record["payload"]["replica"] == "r1"
+
+
+def test_engine_check_prints_each_verdict_and_fails_on_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+    from bastion.engine import command
+
+    monkeypatch.setattr(known_bad, "plugin_active", lambda: True)
+    _config(tmp_path)
+    verdict = judge(_run(greedy={"a": [9], "b": [9]}), _golden(), SETTINGS, "start")
+    seen = []
+
+    async def fake_check(spec) -> dict:
+        seen.append(spec.profile)
+        return verdict.to_dict()
+
+    monkeypatch.setattr(command, "check_deployment", fake_check)
+    result = CliRunner().invoke(app, ["engine", "check", "-c", str(tmp_path / "platform.yaml")])
+    assert result.exit_code == 1, result.output
+    assert seen == ["fast-agentic"]  # deep-context does not speculate
+    assert "smollm2-135m@fast-agentic: FAIL: greedy canaries match 0%" in result.output
+    result = CliRunner().invoke(app, ["engine", "check", "-c", str(tmp_path / "platform.yaml"), "-d", "x@y"])
+    assert result.exit_code != 0 and "no deployment x@y" in result.output
