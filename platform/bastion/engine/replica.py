@@ -123,7 +123,7 @@ class EngineReplica:
             )
 
     async def guard_check(self, trigger: str = "manual") -> dict[str, Any]:
-        """A canary round now (`bastion engine check --running`); a failure takes the replica out of routing."""
+        """A canary round now (EngineDeployment.guard_check); a failure takes the replica out of routing."""
         if self.guard is None or self.engine is None:
             return {"ok": None, "reason": "this replica does not speculate or its guard is off"}
         verdict = await self.guard.check(self.engine, trigger)
