@@ -307,3 +307,26 @@ def test_engine_check_prints_each_verdict_and_fails_on_one(tmp_path: Path, monke
     assert "smollm2-135m@fast-agentic: FAIL: greedy canaries match 0%" in result.output
     result = CliRunner().invoke(app, ["engine", "check", "-c", str(tmp_path / "platform.yaml"), "-d", "x@y"])
     assert result.exit_code != 0 and "no deployment x@y" in result.output
+
+
+async def test_guard_watch_poll_reads_live_replicas_and_wakes_routers() -> None:
+    from bastion.serve.guard_watch import GuardWatch
+
+    class Handle:
+        def __init__(self) -> None:
+            self.asked = 0
+            self.stats = SimpleNamespace(remote=self._remote)
+
+        async def _remote(self) -> dict:
+            self.asked += 1
+            return {}
+
+    fast, deep = Handle(), Handle()
+    failed = {"guard": {"state": "failed", "reason": "r"}, "model": "m", "profile": "fast"}
+    live = {"engine-fast": [{"replica": "r1", "stats": failed}, {"replica": "r2", "stats": {"guard": None}}]}
+    events: list = []
+    watch = GuardWatch(events.append, {"engine-fast": ({}, fast), "engine-deep": ({}, deep)}, live=lambda: live)
+    await watch.poll()
+    await watch.poll()
+    assert [e.replica for e in events] == ["r1"]
+    assert (fast.asked, deep.asked) == (0, 2)  # no router yet for deep: asking once per poll makes it
