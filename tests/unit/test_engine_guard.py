@@ -71,12 +71,21 @@ def test_garbage_samples_score_far_below_the_baseline() -> None:
     scores = {"0.7": {"a": [-4.4, -3.9], "b": [-3.0]}, "1": {"a": [-5.2, -5.7], "b": [-4.0]}}
     verdict = judge(_run(scores=scores), _golden(), SETTINGS, "start")
     assert not verdict.ok
-    assert "T=0.7 score -3.58" in verdict.reason and "T=1 score -4.72" in verdict.reason
+    assert "T=0.7 score -3.58 nats/token, baseline -1.00 ± 0.75" in verdict.reason
+    assert "T=1 score -4.72" in verdict.reason
+
+
+def test_the_band_widens_with_the_baselines_own_spread() -> None:
+    noisy = {"0.7": BASE["0.7"], "1": SampledBaseline(-1.55, [-1.26, -1.36, -1.35, -2.23], 900)}  # bf16, measured
+    assert noisy["1"].sd == pytest.approx(0.46, abs=0.01)
+    honest = _run(scores={"0.7": {"a": [-1.0]}, "1": {"a": [-2.32]}})  # the worst honest round measured
+    assert judge(honest, _golden(sampled=noisy), SETTINGS, "x").ok
+    assert not judge(honest, _golden(), SETTINGS, "x").ok  # with a steady baseline, 0.77 low is out
 
 
 def test_one_wandering_sample_does_not_fail_the_round() -> None:
     # measured with the fix at T=1: one sample drifting into unlikely text took a plain mean 1.25 nats low
-    per_canary = {"a": [-1.4], "b": [-1.6], "c": [-6.0, -7.0], "d": [-1.5]}
+    per_canary = {"a#0": [-1.4], "b#0": [-1.6], "c#0": [-6.0, -7.0], "d#0": [-1.5]}
     assert guard.sample_statistic(per_canary) == pytest.approx(-1.55)
     assert judge(_run(scores={"0.7": {"a": [-1.0]}, "1": per_canary}), _golden(), SETTINGS, "x").ok
 

@@ -177,7 +177,11 @@ class EngineConfig(Strict):
         default=0.25, ge=0, le=5, description="nats: a first difference this close to a tie is a rounding flip"
     )
     guard_logprob_margin: float = Field(
-        default=1.0, gt=0, le=20, description="nats/token the samples' target log-prob may move from the baseline"
+        default=0.75,
+        gt=0,
+        le=20,
+        description="nats/token the samples' target log-prob may move from the baseline (at least; the band "
+        "widens to 3 standard deviations of the baseline's own rounds)",
     )
     guard_temperatures: list[float] = Field(default_factory=lambda: [0.7, 1.0], min_length=1, max_length=4)
     guard_live_min_tokens: int = Field(default=256, ge=1, description="live logprob tokens needed to judge")

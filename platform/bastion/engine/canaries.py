@@ -23,7 +23,7 @@ from bastion.errors import EngineConfigError
 _SOURCE_ROOT = Path(__file__).resolve().parents[3]
 CANARIES_FILE = _SOURCE_ROOT / "deploy" / "guard" / "canaries.jsonl"
 MODEL_CANARIES = "bastion-canaries.jsonl"  # a model folder's own set
-GOLDEN_FORMAT = 1
+GOLDEN_FORMAT = 2  # 2: the sampled statistic is over two samples per canary
 MAX_TOKENS = 32  # per canary: enough for the bug to show (it breaks the first drafted step), cheap on a CPU
 
 
@@ -95,8 +95,13 @@ class SampledBaseline:
     tokens: int = 0
 
     @property
-    def spread(self) -> float:
-        return max(self.rounds) - min(self.rounds) if len(self.rounds) > 1 else 0.0
+    def sd(self) -> float:
+        """Standard deviation of the statistic between honest rounds (0 with fewer than two)."""
+        n = len(self.rounds)
+        if n < 2:
+            return 0.0
+        mean = sum(self.rounds) / n
+        return (sum((r - mean) ** 2 for r in self.rounds) / (n - 1)) ** 0.5
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ batch of greedy rows alone never takes that path. Then:
 - sampled: speculative sampling is lossless in distribution, not in sample path, so samples cannot be compared
   token for token. Their tokens are scored by the target model instead, with a prefill of prompt + sample
   (`prompt_logprobs`, `max_tokens=1`): a prefill drafts nothing and runs no verification, so the score is the
-  target's own whatever the speculative path did. The statistic is the median over canaries of each sample's
-  mean log-probability per token (one honest sample that wanders into unlikely text moves a plain mean by more
-  than a nat at T = 1; corruption lowers every canary). It must lie within `guard_logprob_margin` of the same
-  statistic recorded at prepare time from samples drawn without speculation. Corrupted sampling draws from a
-  flattened distribution, whose tokens the target scores several nats lower.
+  target's own whatever the speculative path did. The statistic is the median over the samples (two per canary)
+  of each sample's mean log-probability per token (one honest sample that wanders into unlikely text moves a
+  plain mean by more than a nat at T = 1; corruption lowers every sample). It must lie within a band around the
+  same statistic recorded at prepare time from samples drawn without speculation: `guard_logprob_margin`, or
+  three standard deviations of the recorded rounds where they moved more (T = 1 on a small model). Corrupted
+  sampling draws from a flattened distribution, whose tokens the target scores several nats lower.
 
 A failed round is confirmed by a second round at once before the verdict stands: corruption fails every round,
 an honest outlier hardly ever twice in a row, and a failure takes the replica out of routing for good.
@@ -40,6 +41,12 @@ from bastion.engine.canaries import Golden, SampledBaseline
 
 log = logging.getLogger(__name__)
 _IDS = itertools.count()
+# Samples per canary and temperature: at T = 1 one sample in four wandering off moved a round's statistic by
+# up to 0.9 nats (bf16, measured); eight samples per temperature halve that noise for a few more batch rows.
+SAMPLES_PER_CANARY = 2
+# The sampled band is the larger of `logprob_margin` and this many standard deviations of the baseline's own
+# rounds: a small model at T = 1 moves a lot between honest rounds (bf16 SmolLM2: sd 0.45), at T = 0.7 little.
+BAND_SDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class GuardSettings:
     after_sampled_requests: int = 500
     greedy_min_match: float = 0.8
     tie_margin: float = 0.25
-    logprob_margin: float = 1.0
+    logprob_margin: float = 0.75
     temperatures: tuple[float, ...] = (0.7, 1.0)
     live_min_tokens: int = 256
     live_margin: float = 2.5
@@ -61,7 +68,7 @@ class GuardSettings:
 @dataclass
 class CanaryRun:
     greedy: dict[str, list[int]]
-    scores: dict[str, dict[str, list[float]]]  # temperature (text) -> canary id -> target log-prob of each token
+    scores: dict[str, dict[str, list[float]]]  # temperature (text) -> "canary#j" -> target log-prob of each token
     seconds: float = 0.0
     ties: dict[str, bool] = field(default_factory=dict)  # canary id -> its first difference is a near-tie flip
 
@@ -118,7 +125,8 @@ def greedy_match_rate(
 
 
 def sample_statistic(per_canary: dict[str, list[float]]) -> float | None:
-    """Median over canaries of each sample's mean target log-prob per token (None without tokens)."""
+    """Median over samples (every canary, SAMPLES_PER_CANARY each) of each sample's mean target log-prob per
+    token (None without tokens)."""
     means = sorted(sum(v) / len(v) for v in per_canary.values() if v)
     if not means:
         return None
@@ -145,11 +153,9 @@ def judge(run: CanaryRun, golden: Golden, settings: GuardSettings, trigger: str)
             reasons.append(f"no sampled tokens at T={key}")
             continue
         sampled[key] = mean
-        if not math.isfinite(mean) or abs(mean - base.mean) > settings.logprob_margin:
-            reasons.append(
-                f"samples at T={key} score {mean:.2f} nats/token, baseline {base.mean:.2f} "
-                f"± {settings.logprob_margin:g}"
-            )
+        band = max(settings.logprob_margin, BAND_SDS * base.sd)
+        if not math.isfinite(mean) or abs(mean - base.mean) > band:
+            reasons.append(f"samples at T={key} score {mean:.2f} nats/token, baseline {base.mean:.2f} ± {band:.2f}")
     return Verdict(not reasons, trigger, "; ".join(reasons), round(match, 4), sampled, baseline, round(run.seconds, 2))
 
 
@@ -211,15 +217,16 @@ async def run_canaries(
         final = await _final(engine, ids, SamplingParams(max_tokens=max_tokens, temperature=temperature))
         return list(final.outputs[0].token_ids)
 
-    jobs = [(cid, None) for cid in prompts] + [(cid, t) for t in temperatures for cid in prompts]
-    outputs = await asyncio.gather(*(sample(prompts[cid], 0.0 if t is None else t) for cid, t in jobs))
+    jobs: list[tuple[str, float | None, int]] = [(cid, None, 0) for cid in prompts]
+    jobs += [(cid, t, j) for t in temperatures for cid in prompts for j in range(SAMPLES_PER_CANARY)]
+    outputs = await asyncio.gather(*(sample(prompts[cid], 0.0 if t is None else t) for cid, t, _ in jobs))
     greedy: dict[str, list[int]] = {}
     pending = []
-    for (cid, t), ids in zip(jobs, outputs, strict=True):
+    for (cid, t, j), ids in zip(jobs, outputs, strict=True):
         if t is None:
             greedy[cid] = ids
         else:
-            pending.append((temperature_key(t), cid, prompts[cid], ids))
+            pending.append((temperature_key(t), f"{cid}#{j}", prompts[cid], ids))
     scored = await asyncio.gather(*(score_tokens(engine, p, o) for _, _, p, o in pending))
     scores: dict[str, dict[str, list[float]]] = {temperature_key(t): {} for t in temperatures}
     for (key, cid, _, _), values in zip(pending, scored, strict=True):
