@@ -71,7 +71,7 @@ def test_garbage_samples_score_far_below_the_baseline() -> None:
     scores = {"0.7": {"a": [-4.4, -3.9], "b": [-3.0]}, "1": {"a": [-5.2, -5.7], "b": [-4.0]}}
     verdict = judge(_run(scores=scores), _golden(), SETTINGS, "start")
     assert not verdict.ok
-    assert "T=0.7 score -3.58 nats/token, baseline -1.00 ± 0.75" in verdict.reason
+    assert "T=0.7 score -3.58 nats/token, baseline -1.00 ± 1.00" in verdict.reason
     assert "T=1 score -4.72" in verdict.reason
 
 
@@ -80,7 +80,7 @@ def test_the_band_widens_with_the_baselines_own_spread() -> None:
     assert noisy["1"].sd == pytest.approx(0.46, abs=0.01)
     honest = _run(scores={"0.7": {"a": [-1.0]}, "1": {"a": [-2.32]}})  # the worst honest round measured
     assert judge(honest, _golden(sampled=noisy), SETTINGS, "x").ok
-    assert not judge(honest, _golden(), SETTINGS, "x").ok  # with a steady baseline, 0.77 low is out
+    assert not judge(_run(scores={"0.7": {"a": [-1.0]}, "1": {"a": [-2.6]}}), _golden(), SETTINGS, "x").ok
 
 
 def test_one_wandering_sample_does_not_fail_the_round() -> None:

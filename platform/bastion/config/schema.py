@@ -177,7 +177,7 @@ class EngineConfig(Strict):
         default=0.25, ge=0, le=5, description="nats: a first difference this close to a tie is a rounding flip"
     )
     guard_logprob_margin: float = Field(
-        default=0.75,
+        default=1.0,
         gt=0,
         le=20,
         description="nats/token the samples' target log-prob may move from the baseline (at least; the band "

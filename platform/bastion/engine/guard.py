@@ -59,7 +59,7 @@ class GuardSettings:
     after_sampled_requests: int = 500
     greedy_min_match: float = 0.8
     tie_margin: float = 0.25
-    logprob_margin: float = 0.75
+    logprob_margin: float = 1.0
     temperatures: tuple[float, ...] = (0.7, 1.0)
     live_min_tokens: int = 256
     live_margin: float = 2.5
