@@ -57,9 +57,12 @@ def version() -> None:
 def config_check(file: Annotated[Path, typer.Argument(help="platform file to validate")]) -> None:
     """Validate a platform file: prints `ok` or every error with its key path, and every known-bad speculation
     combination (engine/known_bad.py) it would run with the vLLM installed here."""
-    from bastion.engine.guard_setup import check_config
+    from bastion.engine.guard_setup import check_config, config_warnings
 
-    check_config(load_config(file))
+    config = load_config(file)
+    check_config(config)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     out.print("ok")
 
 

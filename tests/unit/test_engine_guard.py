@@ -199,11 +199,12 @@ def test_known_bad_rows_name_their_upstream_issues() -> None:
     assert _hits(plugin=True) == []  # Bastion's plugin fixes it
     assert _hits(device="gpu") == [] and _hits(method="off") == []
     hybrid = _hits(device="gpu", method="mtp", family="qwen3.6-27b qwen3_5_moe")
-    assert [h.split("`")[1] for h in hybrid] == ["hybrid-mtp-prefix-caching", "hybrid-mtp-gibberish"]
-    assert "vllm#43559" in hybrid[0] and "vllm#36872" in hybrid[1]
-    no_cache = _hits(device="gpu", method="mtp", family="Qwen3_5ForCausalLM", prefix_caching=False)
-    assert [h.split("`")[1] for h in no_cache] == ["hybrid-mtp-gibberish"]
-    assert _hits(device="gpu", method="mtp", family="qwen3.6", allowed=("hybrid-mtp-prefix-caching",)) != hybrid
+    assert [h.split("`")[1] for h in hybrid] == ["hybrid-mtp-prefix-caching"]
+    assert "vllm#43559" in hybrid[0] and "vllm#53912" in hybrid[0]
+    assert _hits(device="gpu", method="mtp", family="Qwen3_5ForCausalLM", prefix_caching=False) == []
+    assert _hits(device="gpu", method="mtp", family="qwen3.6", allowed=("hybrid-mtp-prefix-caching",)) == []
+    warned = _hits(device="gpu", method="mtp", family="qwen3.6", prefix_caching=False, refused=False)
+    assert [w.split("`")[1] for w in warned] == ["hybrid-mtp-gibberish"] and "vllm#47087" in warned[0]
     assert _hits(device="gpu", method="ngram", family="qwen3.6") == []
 
 

@@ -44,8 +44,10 @@ def guard_settings(config: PlatformConfig, dep: DeploymentConfig) -> GuardSettin
     )
 
 
-def deployment_refusals(config: PlatformConfig, dep: DeploymentConfig, engine_args: dict | None = None) -> list[str]:
-    """Known-bad rows this deployment hits with the vLLM installed here."""
+def deployment_refusals(
+    config: PlatformConfig, dep: DeploymentConfig, engine_args: dict | None = None, *, refused: bool = True
+) -> list[str]:
+    """Known-bad rows this deployment hits with the vLLM installed here (refused ones, or those that warn)."""
     profile = config.profiles[dep.profile]
     method = profile.speculative.method
     model = config.model(dep.model)
@@ -58,7 +60,12 @@ def deployment_refusals(config: PlatformConfig, dep: DeploymentConfig, engine_ar
         family=model_family(model.name, folder if Path(folder).is_dir() else None),
         prefix_caching=bool(args.get("enable_prefix_caching")),
         allowed=tuple(config.engine.allow_known_bad),
+        refused=refused,
     )
+
+
+def config_warnings(config: PlatformConfig) -> list[str]:
+    return [w for dep in config.deployments for w in deployment_refusals(config, dep, refused=False)]
 
 
 def config_refusals(config: PlatformConfig) -> list[str]:

@@ -31,6 +31,7 @@ class KnownBad:
     family: str | None = ANY  # regular expression, case-insensitive
     prefix_caching: bool | None = ANY
     fixed_by_plugin: bool = False  # Bastion's vLLM plugin (bastion.engine.vllm_plugin) fixes it when active
+    refuse: bool = True  # False: the upstream reports do not pin the scope; warn, and the guard checks it live
 
 
 _QWEN_HYBRID = r"qwen3[._-]?[56]|qwen3_?next"
@@ -58,6 +59,7 @@ TABLE: tuple[KnownBad, ...] = (
         summary="MTP on Qwen3.5/3.6 hybrids degrades into gibberish across requests at temperature 1",
         methods=("mtp", "qwen3_next_mtp"),
         family=_QWEN_HYBRID,
+        refuse=False,  # reported on one quantized MoE with tool calls; the guard's T = 1 canaries watch for it
     ),
 )
 TABLE_IDS = frozenset(row.id for row in TABLE)
@@ -145,15 +147,17 @@ def refusals(
     allowed: tuple[str, ...] | frozenset[str] = (),
     vllm: str | None = None,
     plugin: bool | None = None,
+    refused: bool = True,
 ) -> list[str]:
-    """One message per known-bad row this combination hits (empty: none)."""
+    """One message per known-bad row this combination hits (empty: none): the refused rows, or with
+    `refused=False` the rows that only warn."""
     if method == "off":
         return []
     vllm = installed_vllm() if vllm is None else vllm
     plugin = plugin_active() if plugin is None else plugin
     out = []
     for row in TABLE:
-        if row.id in allowed:
+        if row.id in allowed or row.refuse != refused:
             continue
         if matches(
             row, vllm=vllm, device=device, method=method, family=family, prefix_caching=prefix_caching, plugin=plugin
@@ -166,8 +170,12 @@ def refusals(
             out.append(
                 f"{where}: known-bad speculation `{row.id}` ({', '.join(row.issues)}): {row.summary}; "
                 f"vLLM {vllm or 'unknown'}, {device}, method {method}, prefix caching "
-                f"{'on' if prefix_caching else 'off'}{fix}. Turn speculation off for this profile, or accept "
-                f"it with engine.allow_known_bad: [{row.id}]"
+                f"{'on' if prefix_caching else 'off'}{fix}. "
+                + (
+                    f"Turn speculation off for this profile, or accept it with engine.allow_known_bad: [{row.id}]"
+                    if refused
+                    else "Not refused (its scope is not established); the speculation guard checks every replica"
+                )
             )
     return out
 
