@@ -340,3 +340,15 @@ async def test_guard_watch_poll_reads_live_replicas_and_wakes_routers() -> None:
     await watch.poll()
     assert [e.replica for e in events] == ["r1"]
     assert (fast.asked, deep.asked) == (0, 2)  # no router yet for deep: asking once per poll makes it
+
+
+def test_the_gateway_treats_a_failed_guard_as_unavailable() -> None:
+    """Through a Ray handle the refusal arrives as a RayTaskError: the engine client maps it to "unavailable",
+    so the gateway fails the request over to another profile (deep-context) before any token went out."""
+    from ray.exceptions import RayTaskError
+
+    from bastion.serve.engine_client import _unavailable
+
+    refused = RayTaskError("complete", "traceback", SpeculationGuardFailed("m@fast failed its speculation guard"))
+    assert _unavailable(refused)
+    assert not _unavailable(RayTaskError("complete", "traceback", ValueError("a real error")))
