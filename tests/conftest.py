@@ -219,7 +219,7 @@ def engine_config(platform_stack: PlatformStack):
 
 @pytest.fixture(scope="session")
 def engine_handles(platform_stack: PlatformStack) -> dict:
-    """Handles to both engine deployments of the platform app (fast-agentic: ngram; deep-context: none)."""
+    """Handles to both engine deployments of the platform app (fast-agentic: MTP k=1; deep-context: none)."""
     from ray import serve
 
     return {a.profile: serve.get_deployment_handle(a.name, app_name="bastion") for a in platform_stack.apps}

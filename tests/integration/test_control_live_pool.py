@@ -1,7 +1,7 @@
 """Live pool statistics end to end: real Ray Serve, both vLLM CPU replicas and the gateway (the session's
 platform_stack), and the control plane in its own server polling the gateway's internal endpoint. After a few
 requests the admin API and the console's pool page show the live replicas with requests, tok/s and draft
-acceptance for fast-agentic (ngram speculation), and the endpoint refuses anyone without the shared token."""
+acceptance for fast-agentic (MTP speculation), and the endpoint refuses anyone without the shared token."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 - plugin on: the replica passes and serves; the fix switched off in the running worker
   (`bastion_set_cpu_fix(False)`), it leaves routing within one canary round.
 
-The shipped fast-agentic profile (ngram) on the bundled SmolLM2 in float32; canaries of 32 tokens.
+The shipped fast-agentic profile (MTP k = 1 since the plugin; ngram is caught the same way, docs/engine.md) on
+the bundled SmolLM2 in float32; canaries of 32 tokens.
 """
 
 from __future__ import annotations

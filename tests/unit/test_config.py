@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from bastion.cli import app
 from bastion.config import Settings, load_config
-from bastion.config.schema import MtpSpeculation, NgramSpeculation, SpeculationOff
+from bastion.config.schema import MtpSpeculation, SpeculationOff
 from bastion.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -34,7 +34,9 @@ def test_embedded_default_is_valid() -> None:
     assert "{data_dir}" not in config.database.url
     assert config.redis.url is None
     assert isinstance(config.profiles["deep-context"].speculative, SpeculationOff)
-    assert isinstance(config.profiles["fast-agentic"].speculative, NgramSpeculation)
+    assert config.profiles["fast-agentic"].speculative == MtpSpeculation(method="mtp", num_speculative_tokens=1)
+    assert config.model("smollm2-135m").max_model_len == 8192  # the model's whole context, for deep-context
+    assert config.profiles["fast-agentic"].max_context == 2048
     assert {d.name for d in config.deployments} == {"smollm2-135m@deep-context", "smollm2-135m@fast-agentic"}
 
 

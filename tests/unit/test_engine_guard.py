@@ -222,6 +222,11 @@ def test_plugin_switched_off_is_not_active(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def _config(tmp_path: Path, engine: dict | None = None):
+    folder = tmp_path / "models" / "smollm2-135m"  # as `models prepare` builds it: the shipped MTP head grafted
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 1})
+    )
     data = yaml.safe_load((ROOT / "deploy/local/bastion.yaml").read_text())
     data["data_dir"] = str(tmp_path)
     if engine is not None:

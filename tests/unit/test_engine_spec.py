@@ -10,7 +10,7 @@ import yaml
 
 from bastion.config import Settings, load_config
 from bastion.engine.replica import EngineReplica
-from bastion.engine.spec import engine_spec, mtp_layers
+from bastion.engine.spec import WORKER_EXTENSION, engine_spec, mtp_layers
 from bastion.engine.speculation import SpeculationStats, engine_totals
 from bastion.errors import EngineConfigError
 
@@ -39,16 +39,12 @@ def test_profiles_map_to_vllm_speculative_config(tmp_path: Path) -> None:
     _fake_model(tmp_path, num_nextn_predict_layers=1)  # what `models prepare` builds: the shipped head grafted
     config = _config(tmp_path)
     fast, deep = (engine_spec(config, d) for d in sorted(config.deployments, key=lambda d: d.profile != "fast-agentic"))
-    assert fast.engine_kwargs["speculative_config"] == {
-        "method": "ngram",
-        "num_speculative_tokens": 3,
-        "prompt_lookup_max": 4,
-        "prompt_lookup_min": 1,
-    }
+    assert fast.engine_kwargs["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
     assert fast.engine_kwargs["per_request_spec_decode_metrics"] == "summary"
-    assert fast.max_model_len == 1024  # the profile's max_context caps the model's 2048
+    assert fast.max_model_len == 2048  # the profile's max_context caps the model's 8192
     assert "speculative_config" not in deep.engine_kwargs
-    assert deep.max_model_len == 2048
+    assert deep.max_model_len == 8192  # SmolLM2-135M's whole context
+    assert fast.engine_kwargs["worker_extension_cls"] == deep.engine_kwargs["worker_extension_cls"] == WORKER_EXTENSION
     assert deep.engine_kwargs["model"] == str(tmp_path / "models" / "smollm2-135m")
     assert deep.engine_kwargs["enforce_eager"] is True
 

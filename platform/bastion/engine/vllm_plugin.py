@@ -116,9 +116,10 @@ def _cpu_generators_to_rewind(runner: Any) -> dict[int, Any]:
     import numpy as np
 
     generators = runner.input_batch.generators
-    if not generators:
+    mask = getattr(runner, "discard_request_mask", None)  # absent in a vLLM that moved it: nothing to rewind here
+    if not generators or mask is None:
         return {}
-    rows = np.nonzero(runner.discard_request_mask.np[: runner.input_batch.num_reqs])[0]
+    rows = np.nonzero(mask.np[: runner.input_batch.num_reqs])[0]
     found = {int(i): generators.get(int(i)) for i in rows}
     return {i: g for i, g in found.items() if g is not None and g.device.type == "cpu"}
 
