@@ -153,6 +153,14 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
+def guard_golden(config) -> None:
+    """The speculation guard's golden record for the speculating profiles, as `bastion models prepare` makes it
+    (one engine start without speculation, the first time; cached in .bastion-data by model, dtype and build)."""
+    from bastion.serve.runner import prepare_guard
+
+    prepare_guard(config)
+
+
 @dataclass
 class PlatformStack:
     """The whole platform deployed once: gateway ingress + both engine replicas, behind Serve's HTTP proxy."""
@@ -187,6 +195,7 @@ def platform_stack(
 
     path = engine_test_config(tmp_path_factory.mktemp("platform"), otlp_endpoint=otlp_receiver.url)
     config = load_config(path, Settings())
+    guard_golden(config)
     migrate.upgrade(config.database.url)
     token = asyncio.run(bootstrap_key(config))
     serve.run(build_app({"config": str(path)}), name="bastion", route_prefix="/")

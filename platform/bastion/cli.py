@@ -16,6 +16,7 @@ from bastion.commandline import ConfigOption, out, progress_bar
 from bastion.config import load_config
 from bastion.config.schema import PlatformConfig
 from bastion.control.command import control_app
+from bastion.engine.command import engine_app
 from bastion.engine.mtp.command import mtp_app
 from bastion.errors import BastionError
 from bastion.pool.command import plan as plan_command
@@ -37,6 +38,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(control_app, name="control")
 app.add_typer(audit_app, name="audit")
 app.add_typer(mtp_app, name="mtp")
+app.add_typer(engine_app, name="engine")
 app.add_typer(bench_app, name="bench")
 
 _state = {"debug": False}
@@ -56,8 +58,14 @@ def version() -> None:
 
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="platform file to validate")]) -> None:
-    """Validate a platform file: prints `ok` or every error with its key path."""
-    load_config(file)
+    """Validate a platform file: prints `ok` or every error with its key path, and every known-bad speculation
+    combination (engine/known_bad.py) it would run with the vLLM installed here."""
+    from bastion.engine.guard_setup import check_config, config_warnings
+
+    config = load_config(file)
+    check_config(config)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     out.print("ok")
 
 

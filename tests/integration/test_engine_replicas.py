@@ -131,3 +131,14 @@ async def test_health_check_passes_on_live_replicas(engine_handles: dict) -> Non
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
     s = stats["speculation"]
     return {k: s[k] for k in ("drafts", "draft_tokens", "accepted_tokens", "accepted_per_position")}
+
+
+async def test_the_speculating_replica_passed_its_guard_before_ready(engine_handles: dict) -> None:
+    fast = await engine_handles["fast-agentic"].stats.remote()
+    assert fast["routable"] is True
+    assert fast["guard"]["state"] == "ok" and fast["guard"]["trigger"] == "start", fast["guard"]
+    assert fast["guard"]["greedy_match"] >= 0.8
+    metrics = await engine_handles["fast-agentic"].metrics.remote()
+    assert 'bastion_speculation_guard_ok{model="smollm2-135m",profile="fast-agentic"} 1' in metrics
+    deep = await engine_handles["deep-context"].stats.remote()
+    assert deep["guard"] is None and deep["routable"] is True  # no speculation, no guard

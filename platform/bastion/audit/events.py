@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-KINDS = ("inference", "auth_failure", "admin", "export", "verify", "retention")
+KINDS = ("inference", "auth_failure", "admin", "export", "verify", "retention", "engine_guard")
 # Column fields: stored in their own columns, so they are left out of the payload.
 _COLUMNS = {"kind", "occurred_at", "tenant_id", "actor", "request_id", "content"}
 _SECRET_NAMES = {"secret", "password", "api_key", "token", "client_secret", "secret_hash", "pepper", "private_key"}
@@ -222,8 +222,25 @@ class RetentionEvent(EventBase):
     cutoff: datetime
 
 
+class EngineGuardEvent(EventBase):
+    """A speculating replica failed its speculation guard and left routing (written by the gateway, which sees
+    every replica's verdict; engine/guard.py)."""
+
+    kind: Literal["engine_guard"] = "engine_guard"
+    deployment: str
+    model: str
+    profile: str
+    replica: str
+    trigger: str | None = None
+    reason: str
+    greedy_match: float | None = None
+    sampled_mean: dict[str, float] = Field(default_factory=dict)
+    baseline_mean: dict[str, float] = Field(default_factory=dict)
+    checked_at: str | None = None
+
+
 Event = Annotated[
-    InferenceEvent | AuthFailureEvent | AdminEvent | ExportEvent | VerifyEvent | RetentionEvent,
+    InferenceEvent | AuthFailureEvent | AdminEvent | ExportEvent | VerifyEvent | RetentionEvent | EngineGuardEvent,
     Field(discriminator="kind"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

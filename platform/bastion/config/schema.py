@@ -173,6 +173,40 @@ class TelemetryConfig(Strict):
     acceptance_drift_window_s: float = Field(default=900.0, gt=0, description="live window judged")
 
 
+class EngineConfig(Strict):
+    """The speculation correctness guard on every speculating replica (docs/engine.md, "Speculation guard")."""
+
+    guard_enabled: bool = Field(default=True, description="false starts speculating replicas unchecked (logged)")
+    guard_interval_s: float = Field(default=300.0, ge=1, le=86_400, description="a canary round this often")
+    guard_after_sampled_requests: int = Field(default=500, ge=1, description="and after this many sampled requests")
+    guard_greedy_min_match: float = Field(
+        default=0.8, gt=0, le=1, description="share of golden greedy tokens a round must reproduce"
+    )
+    guard_tie_margin: float = Field(
+        default=0.25, ge=0, le=5, description="nats: a first difference this close to a tie is a rounding flip"
+    )
+    guard_logprob_margin: float = Field(
+        default=1.0,
+        gt=0,
+        le=20,
+        description="nats/token the samples' target log-prob may move from the baseline (at least; the band "
+        "widens to 3 standard deviations of the baseline's own rounds)",
+    )
+    guard_temperatures: list[float] = Field(default_factory=lambda: [0.7, 1.0], min_length=1, max_length=4)
+    guard_live_min_tokens: int = Field(default=256, ge=1, description="live logprob tokens needed to judge")
+    guard_live_margin: float = Field(default=2.5, gt=0, le=20, description="nats below the lowest baseline")
+    allow_known_bad: list[str] = Field(
+        default_factory=list, description="known-bad speculation rows (engine/known_bad.py) accepted by id"
+    )
+
+    @field_validator("guard_temperatures")
+    @classmethod
+    def _temperatures(cls, values: list[float]) -> list[float]:
+        if any(not 0 < t <= 2 for t in values) or len(set(values)) != len(values):
+            raise ValueError("guard temperatures must be distinct, above 0 and at most 2")
+        return values
+
+
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -238,6 +272,7 @@ class PlatformConfig(Strict):
     auth: AuthConfig = AuthConfig()
     audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    engine: EngineConfig = EngineConfig()
     gateway: GatewayConfig = GatewayConfig()
     control: ControlConfig = ControlConfig()
     external_replicas: list[ExternalReplicaConfig] = Field(

@@ -19,6 +19,7 @@ from bastion.config.schema import (
     ProfileConfig,
     SpeculationOff,
 )
+from bastion.engine.guard import GuardSettings
 from bastion.engine.model_store import model_path
 from bastion.errors import EngineConfigError
 
@@ -42,6 +43,9 @@ class EngineSpec:
     verify_manifest: bool = True
     tool_parser: str | None = None  # vLLM's OpenAI layer, not an engine argument
     drift: dict[str, float] = field(default_factory=dict)  # DriftMonitor settings (telemetry.acceptance_drift_*)
+    guard: GuardSettings | None = None  # the speculation guard (engine/guard.py); None: no speculation or off
+    device: str = "cpu"  # for the known-bad check at replica start (engine/known_bad.py)
+    allow_known_bad: tuple[str, ...] = ()
 
 
 def mtp_layers(folder: Path) -> int:
@@ -97,6 +101,9 @@ def engine_spec(config: PlatformConfig, dep: DeploymentConfig) -> EngineSpec:
     spec_config = speculative_config(config, dep.profile, profile)
     if spec_config is not None and spec_config["method"] == "mtp":
         check_mtp(model.name, dep.profile, folder)
+    from bastion.engine.guard_setup import deployment_refusals, device_of, guard_settings
+    from bastion.engine.known_bad import refuse
+
     max_len = min(model.max_model_len, profile.max_context or model.max_model_len)
     kwargs: dict[str, Any] = {
         "model": str(folder),
@@ -115,6 +122,7 @@ def engine_spec(config: PlatformConfig, dep: DeploymentConfig) -> EngineSpec:
         kwargs["speculative_config"] = spec_config
         kwargs["per_request_spec_decode_metrics"] = "summary"
     kwargs.update(profile.engine_args)
+    refuse(deployment_refusals(config, dep, kwargs))
     return EngineSpec(
         tool_parser=model.tool_parser,
         model=model.name,
@@ -129,4 +137,7 @@ def engine_spec(config: PlatformConfig, dep: DeploymentConfig) -> EngineSpec:
             "min_draft_tokens": config.telemetry.acceptance_drift_min_draft_tokens,
             "window_s": config.telemetry.acceptance_drift_window_s,
         },
+        guard=guard_settings(config, dep),
+        device=device_of(dep),
+        allow_known_bad=tuple(config.engine.allow_known_bad),
     )

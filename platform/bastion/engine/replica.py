@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from bastion.background import stop_task
 from bastion.engine.engine_args import EngineSpec, check_mtp
+from bastion.engine.guard import SpeculationGuard, Verdict
 from bastion.engine.manifest import verify_manifest
 from bastion.engine.speculation import engine_totals, load_totals
 from bastion.engine.tracing import ReplicaTracing, request_timings, split_trace
@@ -64,6 +65,9 @@ class EngineReplica:
         self.started_at: float | None = None
         self.tracing: ReplicaTracing | None = None  # set by the deployment when traces are exported
         self._drift: Any = None  # DriftMonitor, made at the first scrape of a speculative replica
+        self.guard: SpeculationGuard | None = None  # speculating replicas: canary rounds (engine/guard.py)
+        self.guard_failed: Verdict | None = None  # set once a round fails: the replica leaves routing for good
+        self._guard_task: asyncio.Task | None = None
 
     @classmethod
     async def create(cls, spec: EngineSpec) -> EngineReplica:
@@ -82,6 +86,10 @@ class EngineReplica:
         spec_cfg = self.spec.engine_kwargs.get("speculative_config") or {}
         if spec_cfg.get("method") == "mtp":
             check_mtp(self.spec.model, self.spec.profile, Path(self.spec.path))
+        if spec_cfg:
+            from bastion.engine.guard_replica import preflight_guard
+
+            preflight_guard(self.spec, spec_cfg)
 
     async def start(self) -> None:
         self.preflight()
@@ -90,8 +98,43 @@ class EngineReplica:
 
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.spec.engine_kwargs))
         self._build_openai_layer(self.spec.tool_parser)
+        if self.spec.guard is not None:
+            await self._start_guard()
         self.started_at = time.time()
         log.info("engine ready: %s@%s", self.spec.model, self.spec.profile)
+
+    async def _start_guard(self) -> None:
+        """The first canary round runs before the replica is ready; a failure keeps it out of routing."""
+        from pathlib import Path
+
+        from bastion.engine.guard_replica import make_guard
+
+        assert self.spec.guard is not None
+        self.guard = make_guard(self.spec.guard, Path(self.spec.path))
+        self.on_guard_verdict(await self.guard.check(self.engine, "start"))
+        self._guard_task = asyncio.create_task(self.guard.watch(lambda: self.engine, self.on_guard_verdict))
+
+    def on_guard_verdict(self, verdict: Verdict) -> None:
+        if not verdict.ok and self.guard_failed is None:
+            self.guard_failed = verdict
+            log.error(
+                "speculation guard failed on %s@%s: the replica leaves routing (%s)",
+                self.spec.model,
+                self.spec.profile,
+                verdict.reason,
+            )
+
+    async def guard_check(self, trigger: str = "manual") -> dict[str, Any]:
+        """A canary round now (EngineDeployment.guard_check); a failure takes the replica out of routing."""
+        if self.guard is None or self.engine is None:
+            return {"ok": None, "reason": "this replica does not speculate or its guard is off"}
+        verdict = await self.guard.check(self.engine, trigger)
+        self.on_guard_verdict(verdict)
+        return verdict.to_dict()
+
+    @property
+    def routable(self) -> bool:
+        return not self._draining and self.guard_failed is None
 
     def _build_openai_layer(self, tool_parser: str | None) -> None:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
@@ -137,6 +180,8 @@ class EngineReplica:
     async def drain(self, grace_s: float) -> None:
         """Refuse new requests, let in-flight ones finish within the grace period, then stop the engine."""
         self._draining = True
+        if self._guard_task is not None:
+            self._guard_task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         if self.engine is not None:
@@ -169,6 +214,10 @@ class EngineReplica:
     def _tracked(self):
         if self._draining:
             raise ReplicaDraining(f"{self.spec.model}@{self.spec.profile} is draining")
+        if self.guard_failed is not None:
+            raise SpeculationGuardFailed(
+                f"{self.spec.model}@{self.spec.profile} failed its speculation guard: {self.guard_failed.reason}"
+            )
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -201,6 +250,8 @@ class EngineReplica:
             data = result.model_dump(mode="json", exclude_none=True)
             if "error" in data:
                 return int(data["error"].get("code") or 400), data
+            if self.guard is not None:
+                self.guard.note_request(body, data)
             return 200, data
 
     def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[str]:
@@ -233,6 +284,8 @@ class EngineReplica:
                 return
             async for batch in _coalesce(result):
                 yield batch
+            if self.guard is not None:
+                self.guard.note_request(body, None)
 
     async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int:
         """Prompt tokens as the chat template and tokenizer count them (vLLM's /tokenize logic)."""
@@ -265,8 +318,10 @@ class EngineReplica:
             "time": time.time(),
             "in_flight": self._in_flight,
             "draining": self._draining,
+            "routable": self.routable,
             **load_totals(snapshot),
             "speculation": speculation.to_dict(),
+            "guard": self.guard.summary() if self.guard is not None else None,
         }
 
     def metrics(self) -> str:
@@ -283,7 +338,8 @@ class EngineReplica:
             "# TYPE bastion_engine_draining gauge\n"
             f"bastion_engine_draining{{{labels}}} {int(self._draining)}\n"
         )
-        return generate_latest(REGISTRY).decode() + own + self._drift_metrics()
+        guard = self.guard.exposition(self.spec.model, self.spec.profile, self.routable) if self.guard else ""
+        return generate_latest(REGISTRY).decode() + own + guard + self._drift_metrics()
 
     def _drift_metrics(self) -> str:
         if not self.spec.speculative:
@@ -310,6 +366,10 @@ class EngineReplica:
 
 class ReplicaDraining(RuntimeError):
     """The replica is shutting down and takes no new requests."""
+
+
+class SpeculationGuardFailed(ReplicaDraining):
+    """The replica failed its speculation guard: out of routing (the gateway fails over) until it restarts."""
 
 
 def _json(data: dict[str, Any]) -> str:

@@ -53,6 +53,10 @@ class EngineDeployment:
         """Prometheus text of this replica: vLLM's registry in this process plus the replica's load."""
         return self.replica.metrics()
 
+    async def guard_check(self) -> dict[str, Any]:
+        """A speculation guard round now on this replica; its verdict (a failure takes the replica out)."""
+        return await self.replica.guard_check("manual")
+
     async def check_health(self) -> None:
         await self.replica.check_health()
 

@@ -15,6 +15,7 @@ from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
 from bastion.pool.live_stats import load_token
 from bastion.serve.gateway_app import create_gateway_app
+from bastion.serve.guard_watch import GuardWatch
 from bastion.serve.live_stats_endpoint import add_pool_stats_route
 from bastion.serve.ray_engine_client import RayEngineClient
 from bastion.telemetry.logging import configure_logging
@@ -37,6 +38,9 @@ class GatewayIngress:
         self.engine = engine
         self.audit = await build_writer(self.config).start()
         self.recorder = AuditRecorder(self.audit, self.config.profiles)
+        # Replicas that fail their speculation guard: one audit event each (the engine has no audit log).
+        self.guard_watch = GuardWatch(self.audit.enqueue, {info["name"]: (info, h) for info, h in upstreams})
+        self.guard_watch.start()
 
     def __serve_build_asgi_app__(self):
         app = create_gateway_app(self.config, self.engine, recorders=[self.recorder])
@@ -45,5 +49,6 @@ class GatewayIngress:
         return app
 
     async def __del__(self) -> None:
+        await self.guard_watch.stop()
         await self.external.aclose()
         await self.audit.close(timeout=10)

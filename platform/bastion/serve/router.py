@@ -36,6 +36,14 @@ def request_session_key(pending_request: PendingRequest | None) -> str | None:
     return session_key(session_id if isinstance(session_id, str) else None, body if isinstance(body, dict) else None)
 
 
+def routable(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """Leave out replicas whose last routing stats say they left routing (a failed speculation guard, a drain);
+    when none is left, keep them all: the request then reaches a replica that refuses it at once, and the
+    gateway fails over to another profile instead of waiting here."""
+    keep = [r for r in replicas if (getattr(r, "routing_stats", None) or {}).get("routable", True) is not False]
+    return keep or replicas
+
+
 class SessionAffinityRouter(RequestRouter):
     """Sticky sessions while the replica is alive and has room; least outstanding requests otherwise."""
 
@@ -55,6 +63,7 @@ class SessionAffinityRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         chooser = self._ensure_chooser()
+        candidate_replicas = routable(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = [
             ReplicaLoad(uid, self.replica_queue_len_cache.get(r.replica_id), r.max_ongoing_requests)

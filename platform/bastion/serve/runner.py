@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare_models(config: PlatformConfig, progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
-    """Build bundled models once; check every model folder against its manifest."""
+    """Build bundled models once; check every model folder against its manifest; record the speculation
+    guard's golden outputs where a speculating profile serves a model (once per model, dtype and build)."""
     paths = []
     for model in config.models:
         if model.bundled_name in BUNDLED:
@@ -31,7 +32,37 @@ def prepare_models(config: PlatformConfig, progress: Callable[[str, int, int], N
             path = model_path(model, config.data_dir)
             verify_manifest(path, model.name)
             paths.append(path)
+    prepare_guard(config, progress)
     return paths
+
+
+def prepare_guard(config: PlatformConfig, progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
+    """Golden records (engine/golden.py) for every speculating deployment's model and dtype that lacks a
+    current one: an engine without speculation, started here with the deployment's own engine arguments."""
+    from bastion.engine.engine_args import engine_spec
+    from bastion.engine.golden import ensure_golden
+
+    done: dict[str, Path] = {}
+    for dep in config.deployments:
+        spec = engine_spec(config, dep)
+        if spec.guard is None or spec.guard.golden in done:
+            continue
+        if progress:
+            progress(f"guard golden record for {dep.model} ({spec.guard.dtype})", 0, 1)
+        saved = {k: os.environ.get(k) for k in dep.env}
+        os.environ.update(dep.env)  # the replica's environment (KV cache size, thread binding)
+        try:
+            ensure_golden(spec.engine_kwargs, Path(spec.path), spec.guard.dtype, Path(spec.guard.golden))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        done[spec.guard.golden] = Path(spec.guard.golden)
+        if progress:
+            progress(f"guard golden record for {dep.model} ({spec.guard.dtype})", 1, 1)
+    return list(done.values())
 
 
 def start_ray(config: PlatformConfig, *, logs: Path | None = None) -> None:
