@@ -27,6 +27,7 @@ from testbed import (
     SERVE_PORT,
     bootstrap_key,
     engine_test_config,
+    guard_golden,
     pg_exec,
     wait_for_route,
 )
@@ -151,14 +152,6 @@ def ray_cluster() -> Iterator[None]:
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def guard_golden(config) -> None:
-    """The speculation guard's golden record for the speculating profiles, as `bastion models prepare` makes it
-    (one engine start without speculation, the first time; cached in .bastion-data by model, dtype and build)."""
-    from bastion.serve.runner import prepare_guard
-
-    prepare_guard(config)
 
 
 @dataclass

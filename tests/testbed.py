@@ -70,3 +70,11 @@ def metrics_headers(data_dir: str | Path) -> dict[str, str]:
     """What Prometheus sends to the gateway's metrics paths: by default the internal token in the data dir."""
     token = (Path(data_dir) / "pool_stats_token").read_text(encoding="utf-8").strip()
     return {"authorization": f"Bearer {token}"}
+
+
+def guard_golden(config) -> None:
+    """The speculation guard's golden record for the speculating profiles, as `bastion models prepare` makes it
+    (one engine start without speculation, the first time; cached in .bastion-data by model, dtype and build)."""
+    from bastion.serve.runner import prepare_guard
+
+    prepare_guard(config)

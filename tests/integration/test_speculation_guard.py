@@ -46,7 +46,7 @@ def _fast(config) -> Any:
 @pytest.fixture(scope="module")
 def golden(bundled_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """The float32 golden record (shared with the platform tests: same model, dtype, canaries and build)."""
-    from conftest import guard_golden
+    from testbed import guard_golden
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     config = _config(tmp_path_factory.mktemp("guard-golden"), {})

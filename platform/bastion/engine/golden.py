@@ -7,6 +7,7 @@ per dtype and build; a current record is left alone. It costs one engine start a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +87,7 @@ async def record(engine_kwargs: dict[str, Any], model_dir: Path, dtype: str, out
         golden = await record_with_engine(engine, model_dir, dtype)
     finally:
         engine.shutdown()
+        del engine
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
     partial.write_text(golden.to_json())
@@ -98,4 +100,7 @@ def ensure_golden(engine_kwargs: dict[str, Any], model_dir: Path, dtype: str, ou
     if golden_is_current(out, model_dir, dtype):
         return False
     asyncio.run(record(engine_kwargs, model_dir, dtype, out))
+    # The engine sits in reference cycles: collect it now, while vLLM's modules are alive. Left to interpreter
+    # exit, AsyncLLM.__del__ finds them torn down and prints a TypeError traceback on the terminal.
+    gc.collect()
     return True
