@@ -113,6 +113,14 @@ def test_admin_api_and_console_show_live_replicas(platform_stack, control: httpx
                 break
             time.sleep(1)
         page = control.get("/console/pool").text  # rendered while the replica is still generating
+        # The history's rates need drafts between two samples: read it while traffic flows (a bounded wait),
+        # not after, when a short history may hold only idle samples.
+        history: dict[str, Any] = {}
+        while time.monotonic() < deadline + 60:
+            history = control.get("/admin/api/pool/live").json()
+            if any(r is not None for r in history["profiles"]["fast-agentic"]["acceptance_rate"]):
+                break
+            time.sleep(1)
     assert not traffic.errors and traffic.done > 0
     assert seen, f"no live tok/s and acceptance for {FAST} within 180 s"
     assert seen["healthy"] is True and seen["profile"] == "fast-agentic" and seen["generation_tokens"] > 0
@@ -130,7 +138,6 @@ def test_admin_api_and_console_show_live_replicas(platform_stack, control: httpx
     fragment = control.get("/console/pool/live")
     assert fragment.status_code == 200 and "<html" not in fragment.text and seen["replica"] in fragment.text
 
-    history = control.get("/admin/api/pool/live").json()
     rates = [r for r in history["profiles"]["fast-agentic"]["acceptance_rate"] if r is not None]
     assert rates and all(0 <= r <= 1 for r in rates) and len(history["at"]) >= 2
     assert any(t > 0 for t in history["profiles"]["fast-agentic"]["tok_s"] if t is not None)
