@@ -35,6 +35,17 @@ APP = "bastion-placement"
 MARK = "PLACEMENT_RESULT "
 
 
+def actor_alive(name: str, namespace: str) -> bool:
+    """Whether the named actor is still registered: a dead actor that may not restart loses its name."""
+    import ray
+
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
 def stand_in_class() -> Any:
     from ray import serve
 
@@ -180,6 +191,12 @@ def run(out: dict[str, Any], tmp: Path) -> None:
             if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith("#" + victim)
         )
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        # ray.kill only sends the kill: a call made before the actor is gone may still reach it (one CI run saw
+        # the victim answer the first call). The claim is about routing after the death, so wait for the death.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20 and actor_alive(actor["name"], actor["namespace"]):
+            time.sleep(0.1)
+        out["t_kill_s"] = round(time.monotonic() - t0, 2)
         after, errors = [], []
         deadline = time.monotonic() + 30
         while len(after) < 6 and time.monotonic() < deadline:

@@ -188,17 +188,24 @@ async def test_a_greedy_request_batched_with_sampled_ones_is_unchanged(engines: 
 
 
 async def test_the_worker_toggle_brings_the_bug_back_and_removes_it(engines: dict[str, Engine]) -> None:
-    """`bastion_set_cpu_fix` reaches the worker that samples: off, vLLM's fallback corrupts verification."""
+    """`bastion_set_cpu_fix` reaches the kernel the worker's rejection sampler calls: off, vLLM's broken fallback.
+
+    The kernel is probed (a NaN-filled float buffer must come back expanded), not judged by acceptance: with the
+    fallback, the temperatures are whatever memory holds, which is sometimes last step's right values, so acceptance
+    at T = 0.7 wanders from 0 to 20 % (docs/mtp.md) and one CI run saw 6.8 %.
+    """
     engine = engines["mtp"].replica.engine
+    assert await engine.collective_rpc("bastion_expand_is_correct") == [True]
     assert await engine.collective_rpc("bastion_set_cpu_fix", args=(False,)) == [False]
     try:
-        off_drafted, off_accepted = await _sampled_acceptance(engines["mtp"], seed=50)
+        assert await engine.collective_rpc("bastion_expand_is_correct") == [False]
+        off_drafted, _ = await _sampled_acceptance(engines["mtp"], seed=50)  # the broken path runs, and survives
     finally:
         assert await engine.collective_rpc("bastion_set_cpu_fix", args=(True,)) == [True]
+    assert await engine.collective_rpc("bastion_expand_is_correct") == [True]
     on_drafted, on_accepted = await _sampled_acceptance(engines["mtp"], seed=50)
     assert off_drafted > 0 and on_drafted > 0
     assert on_accepted / on_drafted > 0.15, (on_drafted, on_accepted)
-    assert off_accepted / off_drafted < 0.05, (off_drafted, off_accepted)
 
 
 async def test_many_seeded_requests_past_the_step_budget_keep_the_engine_alive(engines: dict[str, Engine]) -> None:

@@ -199,3 +199,10 @@ class WorkerControl:
     def bastion_set_cpu_fix(self, enabled: bool) -> bool:
         _State.expand_fix_on = bool(enabled)
         return _State.expand_fix_on and _State.original_expand is not None
+
+    def bastion_expand_is_correct(self) -> bool:
+        """Probe the expand kernel vLLM's dispatcher hands the rejection sampler in this worker, as it is now."""
+        from vllm.triton_utils import dispatcher
+
+        registered = dispatcher._registry.get(EXPAND_KERNEL)
+        return registered is not None and expansion_is_correct(registered[1])
