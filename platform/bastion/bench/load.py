@@ -96,9 +96,12 @@ def processes() -> list[psutil.Process]:
 
 
 def rss_mb() -> dict[int, tuple[str, float]]:
+    """Resident memory of each live process; a zombie (exited, not yet reaped: rss 0) is not a process to watch."""
     out = {}
     for proc in processes():
         try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
             out[proc.pid] = (_label(proc), proc.memory_info().rss / 2**20)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
