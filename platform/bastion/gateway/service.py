@@ -188,7 +188,7 @@ class GatewayService:
         )
         try:
             with _step(ctx, "route"):
-                tenant = (principal.tenant_id, principal.tenant_name)
+                tenant = (principal.tenant_id, principal.tenant_name, principal.fair_share_weight)
                 ctx.placement = await self.upstreams.place_waiting(route, upstreams, ctx.session_id, body, tenant)
         except RoutingError as exc:
             headers = {"retry-after": str(exc.retry_after)} if exc.status == 429 else None
