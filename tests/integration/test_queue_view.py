@@ -56,7 +56,7 @@ async def test_recorded_weights_and_queue_figures_reach_the_pool_view(
         gateway={"tenant_weights": {heavy: 2.0, light: 5.0}},  # the file's weights; heavy's record overrides its own
     )
     engine = ScriptedEngine(upstreams_for(["m1"], ongoing=1), delay_s=SERVICE_S)
-    async with gateway_stack(config, engine) as stack:
+    async with gateway_stack(config, engine, pool_stats="queues") as stack:
         heavy_id, heavy_key = await _tenant(stack, heavy)
         light_id, light_key = await _tenant(stack, light)
         assert await _chat(stack, heavy_key) == 200  # starts the key-change listener
@@ -102,7 +102,7 @@ async def test_recorded_weights_and_queue_figures_reach_the_pool_view(
 async def test_the_internal_endpoint_needs_the_token(tmp_path: Path, database_url: str) -> None:
     """The queues (tenant ids, waits) are not for tenants: without the shared token, the same 404 as anywhere."""
     config = platform_config(str(tmp_path), database_url, ["m1"])
-    async with gateway_stack(config, ScriptedEngine(upstreams_for(["m1"]))) as stack:
+    async with gateway_stack(config, ScriptedEngine(upstreams_for(["m1"])), pool_stats="queues") as stack:
         refused = await stack.client.get(POOL_STATS_PATH, headers={"authorization": "Bearer not-the-token"})
         answered = await stack.client.get(POOL_STATS_PATH, headers={"authorization": f"Bearer {load_token(config)}"})
     assert refused.status_code == 404

@@ -292,7 +292,7 @@ def control_and_gateway(tmp_dir: Path, database_url: str, idp: TestIdp, engine: 
 
     config = platform_config(tmp_dir, database_url, idp.issuer)
     config = config.model_copy(update={"control": config.control.model_copy(update={"pool_stats_interval_s": 1.0})})
-    gateway = create_gateway_app(config, engine, pepper=TEST_PEPPER, flush_interval_s=0.2)
+    gateway = create_gateway_app(config, engine, pepper=TEST_PEPPER, flush_interval_s=0.2, pool_stats="queues")
     with ServerThread(gateway, free_port()) as api:
         settings = control_settings(config, pool_stats_url=api.url + POOL_STATS_PATH)
         control = create_app(config, settings=settings, pepper=TEST_PEPPER)

@@ -11,6 +11,7 @@ No Ray import: tests and benchmarks use it without a cluster.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -60,7 +61,7 @@ def create_gateway_app(
     flush_interval_s: float = 1.0,
     policy_enabled: bool = True,
     tracing: GatewayTracing | None = None,
-    serve_stats: bool = False,
+    pool_stats: Literal["off", "queues", "serve"] = "off",
 ) -> FastAPI:
     """The gateway app over `engine_client`. Defaults come from the platform file: a session factory from
     `database.url` (closed with the app), `redis.url` (None: in-process limits), the pepper from
@@ -122,6 +123,7 @@ def create_gateway_app(
         on_close=on_close,
         policy_enabled=policy_enabled,
     )
-    # The control plane's live pool view: Serve's replicas (`serve_stats`, inside Ray) and this replica's queues.
-    add_pool_stats_route(app, load_token(config), queues=queues.snapshot, serve_stats=serve_stats)
+    if pool_stats != "off":  # the control plane's live pool view: this replica's queues, and Serve's replicas
+        serve_stats = pool_stats == "serve"  # inside Ray (the ingress); "queues": a gateway outside Ray (tests)
+        add_pool_stats_route(app, load_token(config), queues=queues.snapshot, serve_stats=serve_stats)
     return app

@@ -41,8 +41,8 @@ class GatewayIngress:
         self.guard_watch.start()
 
     def __serve_build_asgi_app__(self):
-        app = create_gateway_app(self.config, self.engine, recorders=[self.recorder], serve_stats=True)
-        app.state.metrics.watch_audit(self.audit)  # the internal pool stats route is mounted by create_gateway_app
+        app = create_gateway_app(self.config, self.engine, recorders=[self.recorder], pool_stats="serve")
+        app.state.metrics.watch_audit(self.audit)  # pool_stats: the control plane's live pool view
         return app
 
     async def __del__(self) -> None:
