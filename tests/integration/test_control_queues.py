@@ -64,7 +64,8 @@ def test_weights_are_set_validated_and_audited(stack: tuple[str, str], idp: h.Te
         assert pat.get(f"/admin/api/tenants/{name}").json()["fair_share_weight"] == 4.5
         cleared = pat.patch(f"/admin/api/tenants/{name}", json={"clear_fair_share_weight": True})
         assert cleared.json()["fair_share_weight"] is None  # back to the platform file's weight, else 1
-        events = pat.get("/admin/api/audit/events", params={"kind": "admin", "actor": "oidc:pat"}).json()
+        params = {"tenant": name, "kind": "admin", "actor": "oidc:pat"}
+        events = pat.get("/admin/api/audit/events", params=params).json()
     updates = [
         e["payload"]
         for e in events
