@@ -16,6 +16,7 @@ from bastion.commandline import ConfigOption, out, progress_bar
 from bastion.config import load_config
 from bastion.config.schema import PlatformConfig
 from bastion.control.command import control_app
+from bastion.control.tenant_command import tenants_weight
 from bastion.engine.command import engine_app
 from bastion.engine.mtp.command import mtp_app
 from bastion.errors import BastionError
@@ -33,6 +34,7 @@ db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_he
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.command("plan")(plan_command)
+tenants_app.command("weight")(tenants_weight)  # audited like the console: it lives in control
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(control_app, name="control")

@@ -5,13 +5,19 @@ other (a window charged, a slot taken at another level), or a busy tenant would 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 
 import pytest
 import redis
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from bastion.config.schema import LimitsConfig
+from bastion.db import migrate
+from bastion.db.session import create_engine, session_factory
+from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker, day_period
 from bastion.tenancy.limiter import Limiter
 from bastion.tenancy.limiter_plan import LimitExceeded, Subject
 
@@ -106,3 +112,66 @@ async def test_tokens_are_reserved_then_settled(limiter: Limiter) -> None:
     with pytest.raises(LimitExceeded):
         await limiter.admit("c", subjects, 10, reserve=16)  # 85 + 16 > 100
     assert (await limiter.admit("d", subjects, 10, reserve=15)).headers.tokens.remaining == 0
+
+
+@pytest.fixture
+def sessions(sqlite_url: str) -> Iterator[async_sessionmaker]:
+    migrate.upgrade(sqlite_url)  # its own event loop: in a sync fixture, before the test's loop
+    db = create_engine(sqlite_url)
+    yield session_factory(db)
+    asyncio.run(db.dispose())
+
+
+async def test_budgets_join_the_admission_all_or_none(limiter: Limiter, sessions: async_sessionmaker) -> None:
+    """A budget refusal takes no slot or window; a slot or window refusal reserves no budget; a settlement
+    replaces the reservation by the tokens used; a cancel gives the reservation back whole."""
+    budgets = BudgetTracker(sessions, limiter.redis)
+    subjects = _subjects(
+        LimitsConfig(requests_per_minute=10, concurrent_requests=1), LimitsConfig(daily_token_budget=100)
+    )
+    with pytest.raises(BudgetExhausted) as refused:  # 120 > 100: the request slot and the window stay free
+        await limiter.admit("big", subjects, 20, reserve=120, budgets=budgets)
+    assert refused.value.scope == "key" and refused.value.reserved == 120
+    first = await limiter.admit("a", subjects, 10, reserve=60, budgets=budgets)
+    assert first.budget is not None and first.budget.remaining == 40
+    assert first.headers.requests.remaining == 9  # the refused request took no request from the window
+    with pytest.raises(LimitExceeded) as full:  # the slot is held: no budget reserved on the way
+        await limiter.admit("b", subjects, 10, reserve=30, budgets=budgets)
+    assert full.value.limit == "concurrent_requests"
+    await limiter.finish(first, 5)  # 15 used: 45 given back
+    second = await limiter.admit("c", subjects, 10, reserve=85, budgets=budgets)  # 15 + 85 = 100 fits exactly
+    assert second.budget is not None and second.budget.remaining == 0
+    await limiter.cancel(second)  # given back whole
+    third = await limiter.admit("d", subjects, 10, reserve=85, budgets=budgets)
+    await limiter.finish(third, 0, used=20)
+    assert await budgets.used("key", subjects[1].id, day_period(datetime.now(UTC))) == 15 + 20
+
+
+async def test_one_script_per_admission_and_per_settlement(redis_url: str, sessions: async_sessionmaker) -> None:
+    """With a budget too, admission and settlement send one script each (they sent two)."""
+    limiter = Limiter(redis_url)
+    try:
+        budgets = BudgetTracker(sessions, limiter.redis)
+        subjects = _subjects(
+            LimitsConfig(requests_per_minute=10, tokens_per_minute=1000, concurrent_requests=2, daily_token_budget=500),
+            LimitsConfig(monthly_token_budget=500),
+        )
+        warm = await limiter.admit("seed", subjects, 1, budgets=budgets)  # seeds the totals (GET/SET), loads scripts
+        await limiter.finish(warm, 0)
+        calls: list[str] = []
+        redis_client = limiter.redis
+        assert redis_client is not None
+        sent = redis_client.execute_command
+
+        async def counted(*args, **kwargs):
+            calls.append(str(args[0]))
+            return await sent(*args, **kwargs)
+
+        redis_client.execute_command = counted  # type: ignore[method-assign]
+        admitted = await limiter.admit("a", subjects, 10, reserve=60, budgets=budgets)
+        assert calls == ["EVALSHA"]
+        await limiter.finish(admitted, 5)
+        assert calls == ["EVALSHA", "EVALSHA"]
+        assert admitted.budget is not None and admitted.budget.settled
+    finally:
+        await limiter.aclose()

@@ -142,26 +142,29 @@ async def test_the_embedded_gateway_reserves_in_process(tmp_path: Path, database
 
 @pytest.mark.timeout(120)
 async def test_a_crashed_replicas_reservation_expires(database_url: str, redis_url: str, tmp_path: Path) -> None:
-    """A reservation never settled (its replica died) stops counting once its lease is over."""
+    """A reservation never settled (its replica died) stops counting once its lease is over; a settlement counts
+    once. Budgets ride in the limiter's admission and release scripts."""
     from bastion.db.session import create_engine, session_factory
     from bastion.tenancy.budgets import BudgetExhausted, BudgetTracker
+    from bastion.tenancy.limiter import Limiter
     from bastion.tenancy.limiter_plan import Subject
 
     db = create_engine(database_url)
-    client = Redis.from_url(redis_url)
+    crashed_limiter, limiter = Limiter(redis_url), Limiter(redis_url)
     try:
         subjects = [Subject("tenant", uuid.uuid4().hex[:16], LimitsConfig(daily_token_budget=100))]
-        crashed = BudgetTracker(session_factory(db), client, lease_s=0.5)
-        peer = BudgetTracker(session_factory(db), client, lease_s=0.5)
-        await crashed.reserve("lost", subjects, 80, utcnow())  # never settled
+        crashed = BudgetTracker(session_factory(db), crashed_limiter.redis, lease_s=0.5)
+        peer = BudgetTracker(session_factory(db), limiter.redis, lease_s=0.5)
+        await crashed_limiter.admit("lost", subjects, 80, budgets=crashed)  # never settled
         with pytest.raises(BudgetExhausted):
-            await peer.reserve("r1", subjects, 30, utcnow())
+            await limiter.admit("r1", subjects, 30, budgets=peer)
         await asyncio.sleep(0.6)
-        hold = await peer.reserve("r2", subjects, 30, utcnow())
-        assert hold is not None and hold.remaining == 70
-        await peer.settle(hold, 20)
-        await peer.settle(hold, 20)  # once only
+        admitted = await limiter.admit("r2", subjects, 10, reserve=30, budgets=peer)
+        assert admitted.budget is not None and admitted.budget.remaining == 70
+        await limiter.finish(admitted, 10)
+        await limiter.finish(admitted, 10)  # once only
         assert await peer.used("tenant", subjects[0].id, day_period(utcnow())) == 20
     finally:
-        await client.aclose()
+        await crashed_limiter.aclose()
+        await limiter.aclose()
         await db.dispose()

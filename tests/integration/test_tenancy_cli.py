@@ -86,3 +86,41 @@ def test_tenant_and_key_commands(tmp_path: Path) -> None:
     assert "active" in run("tenants", "suspend", "acme", "--resume", *c).stdout
     missing = run("keys", "revoke", "nope", *c)
     assert missing.returncode == 1 and "no API key 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_tenant_weight_command_is_validated_and_audited(tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from bastion.db.models import AuditEvent
+
+    config = tmp_path / "platform.yaml"
+    text = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {tmp_path}")
+    config.write_text(text)
+    c = ("--config", str(config))
+    assert run("db", "upgrade", *c).returncode == 0
+    assert run("tenants", "create", "acme", "--weight", "2", *c).returncode == 0
+    assert run("tenants", "create", "zero", "--weight", "0", *c).returncode == 1  # out of bounds: refused
+    assert run("tenants", "weight", "acme", *c).stdout.strip() == "tenant acme: weight 2 (set on the tenant)"
+    refused = run("tenants", "weight", "acme", "1000", *c)
+    assert refused.returncode == 2 and "0.1" in refused.stderr
+    assert run("tenants", "weight", "acme", "3.5", *c).returncode == 0
+    assert re.search(r"acme .* 3\.5 ", run("tenants", "list", *c).stdout)
+    cleared = run("tenants", "weight", "acme", "--clear", *c)
+    assert cleared.returncode == 0 and "not set on the tenant" in cleared.stdout, cleared.stderr
+
+    async def audited() -> list[tuple[str, dict]]:
+        engine = create_engine(load_config(config).database.url)
+        try:
+            async with session_factory(engine)() as session:
+                rows = (await session.scalars(select(AuditEvent).where(AuditEvent.kind == "admin"))).all()
+                return [(r.actor, r.payload) for r in rows]
+        finally:
+            await engine.dispose()
+
+    events = asyncio.run(audited())
+    updates = [p for _, p in events if p["action"] == "tenant.update"]
+    assert [(u["before"]["fair_share_weight"], u["after"]["fair_share_weight"]) for u in updates] == [
+        (2.0, 3.5),
+        (3.5, None),
+    ]
+    assert all(actor.startswith("cli:") for actor, p in events if p["action"] == "tenant.update")

@@ -211,3 +211,21 @@ async def test_bootstrap_tenant_only_on_an_empty_database(sqlite_url: str) -> No
         assert await ensure_bootstrap(sessions, PEPPER) is None
     finally:
         await engine.dispose()
+
+
+async def test_fair_share_weight_is_validated_set_and_cleared(sessions) -> None:
+    tenants = TenantService(sessions)
+    name = unique()
+    for bad in (0.0, 0.05, 100.5, float("inf"), float("nan"), -1.0):
+        with pytest.raises(TenancyError, match="fair_share_weight"):
+            await tenants.create(name, fair_share_weight=bad)
+    created = await tenants.create(name, fair_share_weight=2.5)
+    assert created.fair_share_weight == 2.5
+    with pytest.raises(TenancyError, match="fair_share_weight"):
+        await tenants.update(name, fair_share_weight=1000)
+    with pytest.raises(TenancyError, match="not both"):
+        await tenants.update(name, fair_share_weight=3, clear_fair_share_weight=True)
+    assert (await tenants.update(name, allowed_models=["m1"])).fair_share_weight == 2.5  # unchanged when not given
+    assert (await tenants.update(name, fair_share_weight=0.1)).fair_share_weight == 0.1
+    assert (await tenants.update(name, clear_fair_share_weight=True)).fair_share_weight is None
+    assert (await tenants.get(name)).fair_share_weight is None

@@ -9,6 +9,7 @@ browser tests share it. Its console client accepts redirect URIs on a few loopba
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,3 +278,23 @@ def migrate_db(url: str) -> None:
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(migrate.upgrade, url).result()
+
+
+@contextlib.contextmanager
+def control_and_gateway(tmp_dir: Path, database_url: str, idp: TestIdp, engine: Any) -> Iterator[tuple[str, str]]:
+    """The control plane (OIDC, polling the gateway's internal pool endpoint every second) and a gateway over
+    `engine` (a ScriptedEngine), both under uvicorn on one database; yields (control URL, gateway URL). They
+    share data_dir, so the pool-stats token too, as on one machine."""
+    from bastion.bench.doubles import TEST_PEPPER
+    from bastion.control.app import create_app
+    from bastion.pool.live_stats import POOL_STATS_PATH
+    from bastion.serve.gateway_app import create_gateway_app
+
+    config = platform_config(tmp_dir, database_url, idp.issuer)
+    config = config.model_copy(update={"control": config.control.model_copy(update={"pool_stats_interval_s": 1.0})})
+    gateway = create_gateway_app(config, engine, pepper=TEST_PEPPER, flush_interval_s=0.2, pool_stats="queues")
+    with ServerThread(gateway, free_port()) as api:
+        settings = control_settings(config, pool_stats_url=api.url + POOL_STATS_PATH)
+        control = create_app(config, settings=settings, pepper=TEST_PEPPER)
+        with ServerThread(control, idp.console_port()) as console:
+            yield console.url, api.url

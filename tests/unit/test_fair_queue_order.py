@@ -51,3 +51,27 @@ async def test_bounds_on_length_and_wait() -> None:
     with pytest.raises(QueueFull, match="within") as err:
         await waiting
     assert err.value.retry_after == 1 and queue.length == 0 and queues.depth() == {}
+
+
+def test_the_tenant_records_weight_wins_over_the_platform_file() -> None:
+    queues = FairQueues({"p": (10, 1.0)}, {"a": 3.0})
+    assert queues.weight("a") == 3.0 and queues.weight("b") == 1.0  # the file's, else 1
+    assert queues.weight("a", 0.5) == 0.5 and queues.weight("b", 7.0) == 7.0  # the record's, set in the console
+
+
+async def test_the_snapshot_counts_waiting_and_recent_waits_per_tenant_and_profile() -> None:
+    waited: list[tuple[str, str, float]] = []
+    queues = FairQueues({"p": (10, 5.0)}, on_wait=lambda t, p, s: waited.append((t, p, s)))
+    queue = queues.get("m", "p")
+    assert queue is not None and queues.snapshot() == []
+    first = asyncio.create_task(queue.wait("a", 2.0))
+    second = asyncio.create_task(queue.wait("a", 2.0))
+    await asyncio.sleep(0.05)
+    (row,) = queues.snapshot()
+    assert (row["tenant_id"], row["profile"], row["waiting"], row["weight"], row["waited"]) == ("a", "p", 2, 2.0, 0)
+    assert row["mean_wait_s"] is None
+    assert queue.hand_over("u1") and queue.hand_over("u2")
+    assert await first == "u1" and await second == "u2"
+    (row,) = queues.snapshot()
+    assert (row["waiting"], row["waited"]) == (0, 2) and 0.04 <= row["mean_wait_s"] <= row["max_wait_s"] < 1
+    assert [(t, p) for t, p, _ in waited] == [("a", "p"), ("a", "p")]  # the metric still sees every wait

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -207,6 +208,16 @@ class EngineConfig(Strict):
         return values
 
 
+MIN_TENANT_WEIGHT, MAX_TENANT_WEIGHT = 0.1, 100.0  # a fair-share weight, in the platform file or a tenant's record
+
+
+def weight_problem(weight: float) -> str | None:
+    """Why a fair-share weight is refused (None: it is fine): finite, between the bounds."""
+    if not math.isfinite(weight) or not MIN_TENANT_WEIGHT <= weight <= MAX_TENANT_WEIGHT:
+        return f"a weight is between {MIN_TENANT_WEIGHT:g} and {MAX_TENANT_WEIGHT:g}, not {weight}"
+    return None
+
+
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -215,14 +226,16 @@ class GatewayConfig(Strict):
     # revocations announced over Redis still take effect at once.
     key_cache_when_db_down_s: float = Field(default=300.0, ge=0, le=3600)
     # A tenant's share of a full profile's queue (by tenant name; others weigh 1): weight 2 starts twice as many.
+    # A weight in the tenant's record (console, admin API, CLI) wins over this one.
     tenant_weights: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("tenant_weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
         for name, weight in value.items():
-            if not 0.1 <= weight <= 100:
-                raise ValueError(f"gateway.tenant_weights.{name}: a weight is between 0.1 and 100, not {weight}")
+            problem = weight_problem(weight)
+            if problem is not None:
+                raise ValueError(f"gateway.tenant_weights.{name}: {problem}")
         return value
 
 

@@ -89,6 +89,10 @@ class AdminService:
             return info
         raise not_found("tenant")
 
+    async def tenant_names(self) -> dict[str, str]:
+        """Tenant id → name, for views that get ids (the fair queues' figures); a platform admin's pages only."""
+        return {t.id: t.name for t in await self.tenants.list()}
+
     async def own_tenant(self, who: Principal) -> TenantInfo | None:
         if not who.is_tenant_admin or who.tenant is None:
             return None
@@ -164,6 +168,7 @@ class AdminService:
             before=tenant_view(before),
             after=tenant_view(info),
         )
+        await self.keys.tenant_changed(info.id)  # gateways re-read the tenant (its weight) at once
         return info
 
     async def set_status(self, who: Principal, ref: str, status: str) -> TenantInfo:
@@ -180,6 +185,7 @@ class AdminService:
             before={"status": before.status},
             after={"status": status},
         )
+        await self.keys.tenant_changed(info.id)
         return info
 
     def _check_profiles(self, profiles: list[str] | None, default: str | None) -> None:

@@ -11,7 +11,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from bastion.audit.search import AuditQuery
-from bastion.config.schema import LimitsConfig
+from bastion.config.schema import MAX_TENANT_WEIGHT, MIN_TENANT_WEIGHT, LimitsConfig
 from bastion.control import audit_view, pool_view
 from bastion.control.admin import key_view, parse_time, tenant_view
 from bastion.control.deps import api_principal, context
@@ -52,12 +52,20 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A tenant's share of a full profile's fair queue; null: the platform file's `gateway.tenant_weights`, else 1.
+Weight = Annotated[
+    float | None,
+    Field(default=None, ge=MIN_TENANT_WEIGHT, le=MAX_TENANT_WEIGHT, allow_inf_nan=False, strict=True),
+]
+
+
 class TenantCreate(Body):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     allowed_models: list[str] = Field(default_factory=list)
     allowed_profiles: list[str] = Field(default_factory=list)
     default_profile: str | None = None
     limits: LimitsConfig | None = None
+    fair_share_weight: Weight = None
 
 
 class TenantUpdate(Body):
@@ -65,6 +73,8 @@ class TenantUpdate(Body):
     allowed_profiles: list[str] | None = None
     default_profile: str | None = None
     clear_default_profile: bool = False
+    fair_share_weight: Weight = None
+    clear_fair_share_weight: bool = False
 
 
 class KeyCreate(Body):
@@ -268,7 +278,7 @@ async def pool(request: Request, who: Who) -> dict[str, Any]:
     acceptance, counters) as the gateway's Serve routers last saw them, and Serve's status of the deployment."""
     ctx = context(request)
     ctx.admin.require(who)
-    return await pool_view.pool_status(ctx.admin.config, ctx.stats)
+    return await pool_view.pool_status(ctx.admin.config, ctx.stats, await ctx.admin.tenant_names())
 
 
 @router.get("/pool/live")

@@ -7,6 +7,7 @@ The pages call the same AdminService as the REST API, so a role sees exactly wha
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 
 from bastion.audit.events import KINDS
 from bastion.audit.search import AuditQuery
-from bastion.config.schema import LimitsConfig
+from bastion.config.schema import LimitsConfig, weight_problem
 from bastion.control import audit_view, pool_view
 from bastion.control.admin import key_view, parse_time, tenant_view
 from bastion.control.deps import client_address, context, principal_from_session, session_of, throttled
@@ -166,10 +167,11 @@ async def logout(request: Request, csrf_token: str = Form("")) -> Response:
 @router.get("/console/tenants")
 async def tenants_page(request: Request) -> Response:
     who, data = _who(request)
-    tenants = [tenant_view(t) for t in await context(request).admin.list_tenants(who)]
-    return _page(
-        request, "tenants.html", data, who, tenants=tenants, profiles=list(context(request).admin.config.profiles)
-    )
+    admin = context(request).admin
+    tenants = [tenant_view(t) for t in await admin.list_tenants(who)]
+    for t in tenants:  # the weight the fair queue uses: the record's, else the platform file's, else 1
+        t["file_weight"] = admin.config.gateway.tenant_weights.get(t["name"], 1.0)
+    return _page(request, "tenants.html", data, who, tenants=tenants, profiles=list(admin.config.profiles))
 
 
 @router.post("/console/tenants")
@@ -189,6 +191,19 @@ async def tenants_create(
         monthly_token_budget=_int(monthly_token_budget),
     )
     await context(request).admin.create_tenant(who, name.strip(), limits=limits)
+    return RedirectResponse("/console/tenants", status_code=303)
+
+
+@router.post("/console/tenants/{tenant}/weight")
+async def tenants_weight(
+    request: Request, tenant: str, csrf_token: str = Form(""), fair_share_weight: str = Form("")
+) -> Response:
+    """A tenant's fair-share weight; empty: back to the platform file's (else 1). Audited as `tenant.update`."""
+    who, data = _who(request)
+    _check_csrf(data, csrf_token)
+    weight = _weight(fair_share_weight)
+    admin = context(request).admin
+    await admin.update_tenant(who, tenant, fair_share_weight=weight, clear_fair_share_weight=weight is None)
     return RedirectResponse("/console/tenants", status_code=303)
 
 
@@ -364,7 +379,7 @@ async def pool_live_fragment(request: Request) -> Response:
     who, data = _who(request)
     ctx = context(request)
     ctx.admin.require(who)
-    pool = await pool_view.pool_status(ctx.admin.config, ctx.stats)
+    pool = await pool_view.pool_status(ctx.admin.config, ctx.stats, await ctx.admin.tenant_names())
     return _page(request, "_pool_live.html", data, who, pool=pool)
 
 
@@ -381,7 +396,7 @@ async def pool_page(request: Request) -> Response:
     who, data = _who(request)
     ctx = context(request)
     ctx.admin.require(who)
-    pool = await pool_view.pool_status(ctx.admin.config, ctx.stats)
+    pool = await pool_view.pool_status(ctx.admin.config, ctx.stats, await ctx.admin.tenant_names())
     live_chart = _live_chart(pool_view.live_history(ctx.stats))
     acceptance = await acceptance_by_profile(ctx.admin.sessions)
     chart = {
@@ -403,6 +418,20 @@ async def pool_page(request: Request) -> Response:
         capacity=capacity,
         reference=reference,
     )
+
+
+def _weight(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    problem = weight_problem(value)
+    if problem is not None:
+        raise ControlError(422, "invalid_value", f"fair_share_weight: {problem}")
+    return value
 
 
 def _int(text: str) -> int | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,12 @@ log = logging.getLogger(__name__)
 DEFAULT_GPUS = ("rtx3090", "rtx4090", "rtx5090", "h100")
 
 
-async def pool_status(config: PlatformConfig, provider: ReplicaStatsProvider) -> dict[str, Any]:
+async def pool_status(
+    config: PlatformConfig, provider: ReplicaStatsProvider, tenant_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The platform file's profiles and deployments with each deployment's live replicas (`live` says whether
-    any came back) and, where the provider knows it, Serve's status of the deployment."""
+    any came back) and, where the provider knows them, Serve's status of the deployment and the polled gateway
+    replica's fair queues per tenant and profile (`queues`; `tenant_names`: id → name for them)."""
     error = None
     try:
         live = await provider()
@@ -36,6 +40,12 @@ async def pool_status(config: PlatformConfig, provider: ReplicaStatsProvider) ->
         live, error = [], "live replica statistics are unavailable (the gateway did not answer)"
     status_of = getattr(provider, "deployment_status", None)
     status: dict[str, dict[str, Any]] = status_of() if callable(status_of) else {}
+    queues_of = getattr(provider, "queues", None)
+    names = tenant_names or {}
+    queues = [
+        {**q, "tenant": names.get(str(q.get("tenant_id")), q.get("tenant_id"))}
+        for q in (queues_of() if callable(queues_of) and error is None else [])
+    ]
     by_deployment: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for stats in live:
         by_deployment[stats.deployment].append(asdict(stats))
@@ -74,6 +84,7 @@ async def pool_status(config: PlatformConfig, provider: ReplicaStatsProvider) ->
         "live": bool(live),
         "error": error,
         "external": external,
+        "queues": queues,
     }
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -76,6 +77,8 @@ class Tenant(Base):
     log_content: Mapped[bool] = mapped_column(Boolean, default=False)
     audit_strict: Mapped[bool] = mapped_column(Boolean, default=False)
     retention_days: Mapped[int | None]
+    # Share of a full profile's fair queue (console, admin API, CLI); None: `gateway.tenant_weights`, else 1.
+    fair_share_weight: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -42,7 +43,7 @@ class ProfileQueue:
         profile: str,
         max_length: int,
         max_wait_s: float,
-        on_wait: Callable[[str, str, float], None] | None,
+        on_wait: Callable[[str, str, float, float], None] | None,  # tenant, profile, seconds, weight
         release: Callable[[str], None],
     ) -> None:
         self.profile = profile
@@ -57,6 +58,11 @@ class ProfileQueue:
 
     def depth(self) -> dict[str, int]:
         return {tenant: len(fifo) for tenant, fifo in self._fifo.items() if fifo}
+
+    def weight_of(self, tenant: str) -> float | None:
+        """The weight the tenant's first waiter waits with; None when it has nobody waiting."""
+        fifo = self._fifo.get(tenant)
+        return fifo[0].weight if fifo else None
 
     async def wait(self, tenant: str, weight: float) -> str:
         """The upstream whose slot this request was handed; QueueFull when full or past the wait bound."""
@@ -86,7 +92,7 @@ class ProfileQueue:
             raise
         finally:
             if self._on_wait is not None:
-                self._on_wait(tenant, self.profile, time.perf_counter() - started)
+                self._on_wait(tenant, self.profile, time.perf_counter() - started, weight)
 
     def hand_over(self, upstream: str) -> bool:
         """Give `upstream`'s freed slot to the next waiter by fair share; False when nobody waits."""
@@ -132,6 +138,23 @@ class ProfileQueue:
             self._leave(waiter.tenant)
 
 
+WAIT_WINDOW_S = 300.0  # the console's wait figures cover this much recent time
+_WAITS_KEPT = 1024  # per tenant and profile, the most recent waits inside the window
+
+
+@dataclass
+class _Waits:
+    """Recent waits of one tenant in one profile's queue: (monotonic end, seconds), and the weight it waited with."""
+
+    weight: float = 1.0
+    ends: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=_WAITS_KEPT))
+
+    def recent(self, now: float) -> list[float]:
+        while self.ends and self.ends[0][0] < now - WAIT_WINDOW_S:
+            self.ends.popleft()
+        return [seconds for _, seconds in self.ends]
+
+
 class FairQueues:
     """The queues of every (model, profile), built from the platform file's `profiles.<name>.queue`."""
 
@@ -143,11 +166,16 @@ class FairQueues:
     ) -> None:
         self._limits = dict(limits)
         self._weights = dict(weights or {})
-        self._on_wait = on_wait
+        self._metric = on_wait
+        self._waits: dict[tuple[str, str], _Waits] = {}  # (tenant id, profile) → recent waits, for `snapshot`
         self._queues: dict[tuple[str, str], ProfileQueue] = {}
         self.release: Callable[[str], None] = lambda upstream: None  # set by UpstreamChoice: a slot given back
 
-    def weight(self, tenant_name: str | None) -> float:
+    def weight(self, tenant_name: str | None, recorded: float | None = None) -> float:
+        """The tenant's weight: its record's (`recorded`, set in the console, admin API or CLI) wins; else the
+        platform file's `gateway.tenant_weights` by name; else 1."""
+        if recorded is not None:
+            return recorded
         return self._weights.get(tenant_name or "", 1.0)
 
     def get(self, model: str, profile: str, *, create: bool = True) -> ProfileQueue | None:
@@ -157,7 +185,7 @@ class FairQueues:
             max_length, max_wait_s = self._limits.get(profile, (0, 1.0))
             if max_length <= 0:
                 return None
-            queue = ProfileQueue(profile, max_length, max_wait_s, self._on_wait, lambda up: self.release(up))
+            queue = ProfileQueue(profile, max_length, max_wait_s, self._waited, lambda up: self.release(up))
             self._queues[(model, profile)] = queue
         return queue
 
@@ -168,3 +196,46 @@ class FairQueues:
             for tenant, n in queue.depth().items():
                 out[(tenant, profile)] = out.get((tenant, profile), 0) + n
         return out
+
+    def _waited(self, tenant: str, profile: str, seconds: float, weight: float) -> None:
+        waits = self._waits.setdefault((tenant, profile), _Waits())
+        waits.weight = weight
+        waits.ends.append((time.monotonic(), seconds))
+        if self._metric is not None:
+            self._metric(tenant, profile, seconds)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per (tenant id, profile) with requests waiting now or waits in the last WAIT_WINDOW_S: how many wait
+        now, the weight they wait with, and the count, mean and max of the recent waits (those that got a slot
+        and those that gave up). This gateway replica's queues: the control plane shows it on the pool page."""
+        now, depth, out = time.monotonic(), self.depth(), []
+        for (tenant, profile), waits in list(self._waits.items()):
+            recent = waits.recent(now)
+            if not recent and not depth.get((tenant, profile)):
+                del self._waits[(tenant, profile)]  # tenants come and go: keep only what is recent
+        for tenant, profile in sorted(set(depth) | set(self._waits)):
+            waits = self._waits.get((tenant, profile))
+            recent = waits.recent(now) if waits is not None else []
+            weight = waits.weight if waits is not None else self._weight_waiting(tenant, profile)
+            out.append(
+                {
+                    "tenant_id": tenant,
+                    "profile": profile,
+                    "waiting": depth.get((tenant, profile), 0),
+                    "weight": weight,
+                    "waited": len(recent),
+                    "mean_wait_s": sum(recent) / len(recent) if recent else None,
+                    "max_wait_s": max(recent) if recent else None,
+                    "window_s": WAIT_WINDOW_S,
+                }
+            )
+        return out
+
+    def _weight_waiting(self, tenant: str, profile: str) -> float:
+        """The weight of the tenant's first waiter in the profile's queue (nobody has finished waiting yet)."""
+        for (_, name), queue in self._queues.items():
+            if name == profile:
+                weight = queue.weight_of(tenant)
+                if weight is not None:
+                    return weight
+        return 1.0

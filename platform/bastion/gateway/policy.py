@@ -5,7 +5,6 @@ Each step raises ApiError with the status and code a client can act on; the hand
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -220,46 +219,32 @@ async def admit(
     prompt_tokens: int,
     reserve: int | None = None,
 ) -> Admission:
-    """Budgets, concurrency and windows at once, each reserving `reserve` tokens (default: the prompt); a refusal
-    anywhere undoes the rest. The budget reservation is left on `ctx.budget_hold`."""
+    """Budgets, concurrency and windows in one admission (one Redis script), each reserving `reserve` tokens
+    (default: the prompt); a refusal anywhere takes nothing. The budget reservation is left on `ctx.budget_hold`."""
     levels = subjects(principal)
-    has_budget = any(s.limits.daily_token_budget or s.limits.monthly_token_budget for s in levels)
-    tenant = principal.tenant_name
-    reserve = prompt_tokens if reserve is None else reserve
-    if not has_budget:
-        try:
-            return await limiter.admit(ctx.request_id, levels, prompt_tokens, reserve=reserve, tenant=tenant)
-        except LimitExceeded as exc:
-            raise _limit_error(exc) from None
-        except RedisUnavailable:
-            raise _limiter_down() from None
-    budget, admitted = await asyncio.gather(
-        budgets.reserve(ctx.request_id, levels, reserve, ctx.started_at),
-        limiter.admit(ctx.request_id, levels, prompt_tokens, reserve=reserve, tenant=tenant),
-        return_exceptions=True,
-    )
-    if isinstance(budget, BaseException) and isinstance(admitted, Admission):
-        await limiter.cancel(admitted)
-    if isinstance(admitted, BaseException) and isinstance(budget, BudgetHold):
-        await budgets.settle(budget, 0)  # the reservation is given back whole
-    if isinstance(budget, BudgetHold):
-        ctx.budget_hold = budget
-    if isinstance(budget, BudgetExhausted):
+    try:
+        admitted = await limiter.admit(
+            ctx.request_id,
+            levels,
+            prompt_tokens,
+            reserve=reserve,
+            tenant=principal.tenant_name,
+            budgets=budgets,
+            at=ctx.started_at,
+        )
+    except BudgetExhausted as exc:
         raise ApiError(
             429,
-            f"You exceeded your token budget: {budget}",
+            f"You exceeded your token budget: {exc}",
             code="insufficient_quota",
             type="insufficient_quota",
-            headers={"retry-after": str(max(1, int(budget.retry_after)))},
-        )
-    if isinstance(admitted, LimitExceeded):
-        raise _limit_error(admitted)
-    if isinstance(admitted, RedisUnavailable):
-        raise _limiter_down()
-    for outcome in (budget, admitted):
-        if isinstance(outcome, BaseException):
-            raise outcome
-    assert isinstance(admitted, Admission)
+            headers={"retry-after": str(max(1, int(exc.retry_after)))},
+        ) from None
+    except LimitExceeded as exc:
+        raise _limit_error(exc) from None
+    except RedisUnavailable:
+        raise _limiter_down() from None
+    ctx.budget_hold = admitted.budget
     return admitted
 
 

@@ -188,7 +188,7 @@ class GatewayService:
         )
         try:
             with _step(ctx, "route"):
-                tenant = (principal.tenant_id, principal.tenant_name)
+                tenant = (principal.tenant_id, principal.tenant_name, principal.fair_share_weight)
                 ctx.placement = await self.upstreams.place_waiting(route, upstreams, ctx.session_id, body, tenant)
         except RoutingError as exc:
             headers = {"retry-after": str(exc.retry_after)} if exc.status == 429 else None
@@ -348,13 +348,7 @@ class GatewayService:
         try:
             if ctx.admission is not None:
                 tokens = ctx.prompt_tokens + ctx.completion_tokens
-                if ctx.budget_hold is None:
-                    await self.limiter.finish(ctx.admission, ctx.completion_tokens, used=tokens)
-                else:  # two scripts, one round trip's wait
-                    await asyncio.gather(
-                        self.limiter.finish(ctx.admission, ctx.completion_tokens, used=tokens),
-                        self.budgets.settle(ctx.budget_hold, tokens),
-                    )
+                await self.limiter.finish(ctx.admission, ctx.completion_tokens, used=tokens)  # budgets too
         except Exception:
             log.exception("limit release failed (request %s)", ctx.request_id)
         record = self.to_record(ctx)

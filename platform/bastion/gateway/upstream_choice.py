@@ -61,9 +61,10 @@ class UpstreamChoice:
         upstreams: list[UpstreamInfo],
         session_id: str | None,
         body: Mapping[str, Any],
-        tenant: tuple[str, str | None],
+        tenant: tuple[str, str | None, float | None],
     ) -> Placement:
-        """`place`, but when the profile is full, wait in its fair queue for a slot (tenant: id, name); the
+        """`place`, but when the profile is full, wait in its fair queue for a slot (tenant: id, name, the weight
+        in its record); the
         RoutingError (429, with the queue's reason) when the queue is full or the wait passes its bound."""
         try:
             return self.place(route, upstreams, session_id, body)
@@ -72,7 +73,7 @@ class UpstreamChoice:
             if queue is None:
                 raise
             try:
-                upstream = await queue.wait(tenant[0], self.queues.weight(tenant[1]))
+                upstream = await queue.wait(tenant[0], self.queues.weight(tenant[1], tenant[2]))
             except QueueFull as full:
                 error = RoutingError(429, exc.code, f"{exc} ({full})", profile=exc.profile)
                 error.retry_after = full.retry_after

@@ -58,6 +58,7 @@ class PoolStatsPoller:
         self._replicas: dict[tuple[str, str], _Replica] = {}
         self._latest: list[ReplicaStats] = []
         self._status: dict[str, dict[str, Any]] = {}
+        self._queues: list[dict[str, Any]] = []
         self._polled_at = 0.0
         self._lock = asyncio.Lock()
         self.samples: deque[dict[str, Any]] = deque(maxlen=history)
@@ -75,6 +76,10 @@ class PoolStatsPoller:
         if self.last_error is not None:  # the background poll just failed: say so rather than show stale rows
             raise ConnectionError(f"pool stats unavailable: {self.last_error}")
         return list(self._latest)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """The polled gateway replica's fair queues per tenant and profile (waiting, weight, recent waits)."""
+        return list(self._queues)
 
     def deployment_status(self) -> dict[str, dict[str, Any]]:
         """Serve's status per deployment (`model@profile`): status and replicas per state."""
@@ -109,7 +114,7 @@ class PoolStatsPoller:
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             self.last_error = type(exc).__name__
-            self._latest, self._status = [], {}  # nothing stale on the page while the gateway is away
+            self._latest, self._status, self._queues = [], {}, []  # nothing stale while the gateway is away
             raise
         self.last_error = None
         self._absorb(body)
@@ -135,6 +140,7 @@ class PoolStatsPoller:
         for key in set(self._replicas) - seen:  # replicas Serve no longer routes to
             del self._replicas[key]
         self._latest, self._status = latest, status
+        self._queues = [q for q in body.get("queues") or [] if isinstance(q, dict)]
         profiles = {
             p: {"tok_s": a["tok_s"], "acceptance_rate": a["accepted"] / a["draft"] if a["draft"] else None}
             for p, a in per_profile.items()

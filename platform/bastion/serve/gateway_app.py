@@ -11,6 +11,7 @@ No Ray import: tests and benchmarks use it without a cluster.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,6 +27,7 @@ from bastion.gateway.upstream_choice import UpstreamChoice
 from bastion.pool.live_stats import load_token
 from bastion.records import RequestRecorder
 from bastion.routing.profiles import RoutingPolicy
+from bastion.serve.live_stats_endpoint import add_pool_stats_route
 from bastion.telemetry.metrics import GatewayMetrics
 from bastion.telemetry.tracing import GatewayTracing
 from bastion.tenancy import key_material
@@ -59,6 +61,7 @@ def create_gateway_app(
     flush_interval_s: float = 1.0,
     policy_enabled: bool = True,
     tracing: GatewayTracing | None = None,
+    pool_stats: Literal["off", "queues", "serve"] = "off",
 ) -> FastAPI:
     """The gateway app over `engine_client`. Defaults come from the platform file: a session factory from
     `database.url` (closed with the app), `redis.url` (None: in-process limits), the pepper from
@@ -111,7 +114,7 @@ def create_gateway_app(
     metrics.watch_in_flight(lambda: gateway.in_flight)
     metrics.watch_queues(queues.depth)
     metrics.watch_limiter(limiter)
-    return create_app(
+    app = create_app(
         config,
         gateway,
         metrics=metrics,
@@ -120,3 +123,7 @@ def create_gateway_app(
         on_close=on_close,
         policy_enabled=policy_enabled,
     )
+    if pool_stats != "off":  # the control plane's live pool view: this replica's queues, and Serve's replicas
+        serve_stats = pool_stats == "serve"  # inside Ray (the ingress); "queues": a gateway outside Ray (tests)
+        add_pool_stats_route(app, load_token(config), queues=queues.snapshot, serve_stats=serve_stats)
+    return app

@@ -13,10 +13,8 @@ from bastion.config import load_config
 from bastion.gateway.combined_client import CombinedEngineClient
 from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
-from bastion.pool.live_stats import load_token
 from bastion.serve.gateway_app import create_gateway_app
 from bastion.serve.guard_watch import GuardWatch
-from bastion.serve.live_stats_endpoint import add_pool_stats_route
 from bastion.serve.ray_engine_client import RayEngineClient
 from bastion.telemetry.logging import configure_logging
 
@@ -43,9 +41,8 @@ class GatewayIngress:
         self.guard_watch.start()
 
     def __serve_build_asgi_app__(self):
-        app = create_gateway_app(self.config, self.engine, recorders=[self.recorder])
-        app.state.metrics.watch_audit(self.audit)
-        add_pool_stats_route(app, load_token(self.config))  # the control plane's live pool view
+        app = create_gateway_app(self.config, self.engine, recorders=[self.recorder], pool_stats="serve")
+        app.state.metrics.watch_audit(self.audit)  # pool_stats: the control plane's live pool view
         return app
 
     async def __del__(self) -> None:

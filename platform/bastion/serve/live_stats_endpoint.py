@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,13 +48,24 @@ async def deployment_status() -> dict[str, dict[str, Any]]:
         return {}
 
 
-def add_pool_stats_route(app: FastAPI, token: str) -> None:
+def add_pool_stats_route(
+    app: FastAPI,
+    token: str,
+    *,
+    queues: Callable[[], list[dict[str, Any]]] | None = None,
+    serve_stats: bool = True,
+) -> None:
+    """`queues`: this gateway replica's fair queues per tenant and profile (`FairQueues.snapshot`).
+    `serve_stats`: ask Serve for its replicas and deployments (False for a gateway outside Ray: queues only)."""
+
     @app.get(POOL_STATS_PATH, include_in_schema=False)
     async def pool_replicas(request: Request) -> Response:
         if not authorized(token, request.headers.get("authorization")):
             return ApiError(404, "Not Found", code="not_found").response()
-        status = await deployment_status()
-        replicas = live_replicas()
+        status = await deployment_status() if serve_stats else {}
+        replicas = live_replicas() if serve_stats else {}
         names = sorted(set(status) | set(replicas))
         deployments = {n: {**status.get(n, {}), "replicas": replicas.get(n, [])} for n in names}
-        return JSONResponse({"object": "pool.replicas", "collected_at": time.time(), "deployments": deployments})
+        body = {"object": "pool.replicas", "collected_at": time.time(), "deployments": deployments}
+        body["queues"] = queues() if queues is not None else []
+        return JSONResponse(body)

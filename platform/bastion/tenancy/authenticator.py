@@ -50,6 +50,7 @@ class Principal:
     default_profile: str | None
     tenant_limits: LimitsConfig
     key_limits: LimitsConfig | None
+    fair_share_weight: float | None = None  # the tenant record's; None: the platform file's, else 1
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -209,6 +210,7 @@ class Authenticator:
             default_profile=tenant.default_profile or self._defaults.default_profile,
             tenant_limits=tenant_limits,
             key_limits=limits_of(by_key.get(key.id)),
+            fair_share_weight=tenant.fair_share_weight,
         )
         return _Entry(key.secret_hash, _ts(key.expires_at), _ts(key.revoked_at), principal)
 

@@ -7,10 +7,13 @@ there in batches.
 
 Reserve, then settle: checking a budget against what was already spent lets every request admitted in the
 same moment pass (40 at once against 600 tokens served 1,382). So admission reserves the request's worst case
-(prompt + max_tokens) against every budget that applies, all or none, in one Redis script (`_RESERVE`) or with
-no await between check and charge in process; the end settles it (`_SETTLE`: the reservation is dropped, the
-tokens really used are added). A reservation is a member of a sorted set scored by its lease's end: a gateway
-replica that crashes mid-request leaves reservations that the next admission sweeps once the lease is over.
+(prompt + max_tokens) against every budget that applies, all or none, and the end settles it (the reservation
+is dropped, the tokens really used are added). In Redis this happens inside the limiter's own admission and
+release scripts (`limiter_redis.py`: one script per admission and one per settlement, budgets or not); this
+module says which budgets apply (`BudgetHold`), seeds their totals from the database, judges the counts, and
+keeps the in-process totals and reservations (no Redis, or Redis down). A reservation in Redis is a member of
+a sorted set scored by its lease's end: a gateway replica that crashes mid-request leaves reservations that
+the next admission sweeps once the lease is over.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import functools
-import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
@@ -28,55 +29,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bastion.db.models import KeyUsageCounter, UsageCounter
-from bastion.tenancy.limiter_plan import REDIS_DOWN, Subject
+from bastion.tenancy.subjects import REDIS_DOWN, Subject
 
 _PREFIX = "bastion:budget:"
-log = logging.getLogger(__name__)
-
-# KEYS per budget: settled total, reservations (sorted set of "<request id>|<tokens>" scored by lease end), their
-# sum. ARGV: now, lease end, member, then per budget: budget, cost. Returns {verdict, used + reserved per budget
-# before this request}; verdict 0: reserved everywhere; k > 0: budget k is over (nothing reserved); -k: budget k's
-# total is not in Redis yet (the caller seeds it from the database and tries again).
-_RESERVE = """
-local now, deadline, member = ARGV[1], ARGV[2], ARGV[3]
-local n = #KEYS / 3
-for k = 1, n do
-  if redis.call('exists', KEYS[3 * k - 2]) == 0 then return {-k} end
-end
-local out = {0}
-for k = 1, n do
-  local resv, sum = KEYS[3 * k - 1], KEYS[3 * k]
-  local stale = redis.call('zrangebyscore', resv, '-inf', now)
-  for _, m in ipairs(stale) do redis.call('decrby', sum, tonumber(string.match(m, '|(%d+)$'))) end
-  if #stale > 0 then redis.call('zremrangebyscore', resv, '-inf', now) end
-  local used = tonumber(redis.call('get', KEYS[3 * k - 2])) + tonumber(redis.call('get', sum) or '0')
-  out[#out + 1] = used
-  if out[1] == 0 and used + tonumber(ARGV[3 + 2 * k]) > tonumber(ARGV[2 + 2 * k]) then out[1] = k end
-end
-if out[1] ~= 0 then return out end
-for k = 1, n do
-  local resv, sum, cost = KEYS[3 * k - 1], KEYS[3 * k], ARGV[3 + 2 * k]
-  redis.call('zadd', resv, deadline, member)
-  redis.call('incrby', sum, cost)
-  local ttl = redis.call('ttl', KEYS[3 * k - 2])
-  if ttl > 0 then
-    redis.call('expire', resv, ttl)
-    redis.call('expire', sum, ttl)
-  end
-end
-return out
-"""
-
-# KEYS as _RESERVE's. ARGV: member, its cost, tokens used. A reservation already swept (its lease ended) is not
-# refunded twice; the tokens used are added either way.
-_SETTLE = """
-local member, cost, used = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for k = 1, #KEYS / 3 do
-  if redis.call('zrem', KEYS[3 * k - 1], member) == 1 then redis.call('decrby', KEYS[3 * k], cost) end
-  if used > 0 then redis.call('incrby', KEYS[3 * k - 2], used) end
-end
-return 0
-"""
 
 
 @functools.lru_cache(maxsize=64)
@@ -143,14 +98,20 @@ class BudgetLine:
 
 @dataclass
 class BudgetHold:
-    """A request's reservation against its budgets, settled once when it ends."""
+    """A request's reservation against its budgets, settled once when it ends (`tracker` keeps its totals)."""
 
-    member: str  # "<request id>|<tokens>": the reservation's name in Redis
+    member: str  # "<request id>|<tokens>": the reservation's name in Redis (the sweep reads the tokens from it)
     lines: tuple[BudgetLine, ...]
     reserved: int
     remaining: int  # the tightest budget's tokens left after this reservation (a response header)
     local: bool
+    tracker: BudgetTracker = field(repr=False, compare=False)
     settled: bool = False
+
+    @property
+    def redis_keys(self) -> list[str]:
+        """Per budget: settled total, reservations (sorted set), their sum (the limiter's scripts' layout)."""
+        return [k for line in self.lines for k in (line.redis_key, f"{line.redis_key}:resv", f"{line.redis_key}:sum")]
 
 
 def budget_lines(subjects: list[Subject], now: datetime) -> list[BudgetLine]:
@@ -178,10 +139,7 @@ class BudgetTracker:
         self._local: dict[tuple[str, str], int] = {}
         self._reserved: dict[tuple[str, str], int] = {}  # in process: tokens reserved by requests in flight
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.lease_s = lease_s
-        if redis is not None:
-            self._reserve = redis.register_script(_RESERVE)
-            self._settle = redis.register_script(_SETTLE)
+        self.lease_s = lease_s  # how long a reservation in Redis counts when its request never settles
 
     async def _db_total(self, scope: str, subject_id: str, period: str) -> int:
         if scope == "key":
@@ -213,50 +171,40 @@ class BudgetTracker:
                 self._local[key] = await self._db_total(scope, subject_id, period)
         return self._local[key]
 
-    # --- reserve, then settle -------------------------------------------------------------------------------
+    # --- reserve, then settle (the limiter drives these: `Limiter.admit(..., budgets=)`) ------------------------
 
-    async def reserve(self, request_id: str, subjects: list[Subject], tokens: int, now: datetime) -> BudgetHold | None:
-        """Reserve `tokens` against every budget that applies, or raise BudgetExhausted having reserved nothing.
-        None when no budget applies."""
+    def hold(self, request_id: str, subjects: list[Subject], tokens: int, now: datetime) -> BudgetHold | None:
+        """The reservation of `tokens` against every budget that applies in `now`'s periods, not yet made; None
+        when no budget applies."""
         lines = tuple(budget_lines(subjects, now))
         if not lines:
             return None
-        hold = BudgetHold(f"{request_id}|{tokens}", lines, tokens, 0, local=False)
-        if self._redis is not None:
-            try:
-                await self._reserve_redis(hold)
-                return hold
-            except REDIS_DOWN:  # as `used`: the database's totals, counted on in this process until it returns
-                pass
-        hold.local = True
-        for line in lines:
-            await self._local_used(line.subject.scope, line.subject.id, line.period)
-        # no await from here: the check and the charge are one step for this process
-        used = [self._local[line.local_key] + self._reserved.get(line.local_key, 0) for line in lines]
-        self._judge(hold, used)
-        for line in lines:
-            self._reserved[line.local_key] = self._reserved.get(line.local_key, 0) + tokens
-        return hold
+        return BudgetHold(f"{request_id}|{tokens}", lines, tokens, 0, local=False, tracker=self)
 
-    async def _reserve_redis(self, hold: BudgetHold) -> None:
-        keys = [k for line in hold.lines for k in (line.redis_key, f"{line.redis_key}:resv", f"{line.redis_key}:sum")]
-        for _ in range(len(hold.lines) + 1):
-            now = time.time()
-            args: list[float | int | str] = [now, now + self.lease_s, hold.member]
-            for line in hold.lines:
-                args += [line.budget, hold.reserved]
-            out = await self._reserve(keys=keys, args=args)
-            verdict = int(out[0])
-            if verdict < 0:  # not in Redis yet: seed it from the database, then again
-                line = hold.lines[-verdict - 1]
-                await self._redis_used(line.subject.scope, line.subject.id, line.period)
-                continue
-            self._judge(hold, [int(u) for u in out[1:]])
-            return
-        raise RuntimeError("budget totals could not be seeded in Redis")
+    async def seed(self, line: BudgetLine) -> None:
+        """Put the line's settled total into Redis from the database (the admission script found none)."""
+        await self._redis_used(line.subject.scope, line.subject.id, line.period)
+
+    async def prepare_local(self, hold: BudgetHold) -> None:
+        """Read the hold's totals into this process (from the database, once per subject and period), so that
+        `reserve_local` can check and charge with no await."""
+        hold.local = True
+        for line in hold.lines:
+            await self._local_used(line.subject.scope, line.subject.id, line.period)
+
+    def check_local(self, hold: BudgetHold) -> None:
+        """Raise BudgetExhausted when the reservation does not fit this process's totals (after `prepare_local`)."""
+        self.judge(hold, [self._local[line.local_key] + self._reserved.get(line.local_key, 0) for line in hold.lines])
+
+    def reserve_local(self, hold: BudgetHold) -> None:
+        """Charge the reservation in process (after `check_local`, with no await in between)."""
+        for line in hold.lines:
+            self._reserved[line.local_key] = self._reserved.get(line.local_key, 0) + hold.reserved
 
     @staticmethod
-    def _judge(hold: BudgetHold, used: list[int]) -> None:
+    def judge(hold: BudgetHold, used: list[int]) -> None:
+        """Raise BudgetExhausted for the first budget the reservation overflows (`used`: settled + reserved per
+        line before it), else set `hold.remaining` to the tightest budget's tokens left after it."""
         remaining = None
         for line, spent in zip(hold.lines, used, strict=True):
             if spent + hold.reserved > line.budget:
@@ -268,19 +216,9 @@ class BudgetTracker:
             remaining = left if remaining is None else min(remaining, left)
         hold.remaining = remaining or 0
 
-    async def settle(self, hold: BudgetHold, used: int) -> None:
-        """Drop the reservation and add the tokens really used (once; a second call does nothing)."""
-        if hold.settled:
-            return
-        hold.settled = True
-        if not hold.local:
-            lines = hold.lines
-            keys = [k for line in lines for k in (line.redis_key, f"{line.redis_key}:resv", f"{line.redis_key}:sum")]
-            try:
-                await self._settle(keys=keys, args=[hold.member, hold.reserved, used])
-                return
-            except REDIS_DOWN as exc:  # the reservation lapses with its lease; this process counts the tokens
-                log.warning("budget settlement failed (%s): kept in this process", type(exc).__name__)
+    def settle_local(self, hold: BudgetHold, used: int) -> None:
+        """Settle in process: a local reservation is dropped; the tokens used are counted on the totals this
+        process holds (also for a Redis reservation whose settlement failed: it lapses with its lease there)."""
         for line in hold.lines:
             key = line.local_key
             if hold.local:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the services pull in SQLAlchemy and Redis: imported when a 
     from bastion.tenancy.views import CreatedKey, KeyInfo
 
 T = TypeVar("T")
-tenants_app = typer.Typer(help="Tenants: create, list, suspend.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants: create, list, suspend, weight.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create, list, rotate, revoke.", no_args_is_help=True)
 _out = Console()
 
@@ -71,9 +71,11 @@ def tenants_create(
     concurrency: Annotated[int | None, typer.Option(help="concurrent requests")] = None,
     daily_budget: Annotated[int | None, typer.Option(help="tokens per day")] = None,
     monthly_budget: Annotated[int | None, typer.Option(help="tokens per month")] = None,
+    weight: Annotated[float | None, typer.Option(help="share of a full profile's fair queue, 0.1-100")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Create a tenant; limits not given come from the platform file's tenant_defaults."""
+    """Create a tenant; limits not given come from the platform file's tenant_defaults, the weight from
+    `gateway.tenant_weights` (else 1). `bastion tenants weight` changes the weight later."""
     values = [rpm, tpm, concurrency, daily_budget, monthly_budget]
 
     async def work(platform: PlatformConfig, tenants: TenantService, _keys: KeyService):
@@ -91,6 +93,7 @@ def tenants_create(
             allowed_profiles=profile or [],
             default_profile=default_profile,
             limits=limits,
+            fair_share_weight=weight,
         )
 
     info = _run(config, work)
@@ -99,9 +102,9 @@ def tenants_create(
 
 @tenants_app.command("list")
 def tenants_list(config: ConfigOption = None) -> None:
-    """Tenants with their status, models and profiles."""
+    """Tenants with their status, models, profiles and fair-share weight ("file": the platform file's, else 1)."""
     rows = _run(config, lambda _c, tenants, _k: tenants.list())
-    table = Table("name", "id", "status", "models", "profiles", "default profile", "created")
+    table = Table("name", "id", "status", "models", "profiles", "default profile", "weight", "created")
     for t in rows:
         table.add_row(
             t.name,
@@ -110,6 +113,7 @@ def tenants_list(config: ConfigOption = None) -> None:
             ", ".join(t.allowed_models) or "(all)",
             ", ".join(t.allowed_profiles) or "(defaults)",
             t.default_profile or "-",
+            f"{t.fair_share_weight:g}" if t.fair_share_weight is not None else "(file)",
             _when(t.created_at),
         )
     _out.print(table)

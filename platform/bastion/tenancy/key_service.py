@@ -114,6 +114,16 @@ class KeyService:
         await self._changed(old_prefix)
         return created
 
+    async def tenant_changed(self, tenant_id: str) -> None:
+        """A change to the tenant every key carries (its weight, status): each gateway drops the tenant's keys
+        from its cache, so the next request reads the tenant again (the cache's TTL bounds the delay anyway)."""
+        if self._notify is None:
+            return
+        async with self._sessions() as session:
+            prefixes = (await session.execute(select(ApiKey.prefix).where(ApiKey.tenant_id == tenant_id))).scalars()
+            for prefix in list(prefixes):
+                await self._notify(prefix)
+
     async def _changed(self, prefix: str) -> None:
         if self._notify is not None:
             await self._notify(prefix)

@@ -8,31 +8,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from limits import RateLimitItem, RateLimitItemPerMinute
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bastion.config.schema import LimitsConfig
+from bastion.tenancy.subjects import Subject
+
+if TYPE_CHECKING:
+    from bastion.tenancy.budgets import BudgetHold
 
 FALLBACK = "fallback"
 REFUSE = "refuse"
-# What "Redis is down" looks like from redis-py: refused or dropped connections, timeouts.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
 
 RPM = "requests_per_minute"
 TPM = "tokens_per_minute"
 CONCURRENCY = "concurrent_requests"
 CONC_PREFIX = "bastion:conc:"
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One level a limit applies at: ("tenant", tenant id) or ("key", key id)."""
-
-    scope: str
-    id: str
-    limits: LimitsConfig
 
 
 @dataclass
@@ -85,6 +76,7 @@ class Admission:
     finished: bool = False
     local: bool = False  # admitted by the in-process limiter (no Redis configured, or Redis was down)
     plan: Plan = field(default=None, repr=False)  # type: ignore[assignment]  # set by Limiter.admit
+    budget: BudgetHold | None = None  # the reservation against daily/monthly budgets, settled with the rest
 
     def __post_init__(self) -> None:
         if self.reserved < 0:

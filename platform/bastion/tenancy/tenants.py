@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bastion.config.schema import LimitsConfig
+from bastion.config.schema import LimitsConfig, weight_problem
 from bastion.db.models import Limit, Tenant
 from bastion.errors import BastionError
 from bastion.tenancy.views import TenantInfo, limits_of
@@ -40,9 +40,11 @@ class TenantService:
         allowed_profiles: Sequence[str] = (),
         default_profile: str | None = None,
         limits: LimitsConfig | None = None,
+        fair_share_weight: float | None = None,
     ) -> TenantInfo:
         if not name or len(name) > 64:
             raise TenancyError("a tenant name has 1 to 64 characters")
+        _check_weight(fair_share_weight)
         if default_profile is not None and allowed_profiles and default_profile not in allowed_profiles:
             raise TenancyError(f"default profile {default_profile!r} is not among the allowed profiles")
         async with self._sessions() as session:
@@ -55,6 +57,7 @@ class TenantService:
                 allowed_models=list(allowed_models),
                 allowed_profiles=list(allowed_profiles),
                 default_profile=default_profile,
+                fair_share_weight=fair_share_weight,
             )
             session.add(row)
             await session.flush()
@@ -71,7 +74,13 @@ class TenantService:
         allowed_profiles: Sequence[str] | None = None,
         default_profile: str | None = None,
         clear_default_profile: bool = False,
+        fair_share_weight: float | None = None,
+        clear_fair_share_weight: bool = False,
     ) -> TenantInfo:
+        """Change what is given (None: unchanged); `clear_*` sets the field back to the platform's default."""
+        _check_weight(fair_share_weight)
+        if fair_share_weight is not None and clear_fair_share_weight:
+            raise TenancyError("give fair_share_weight or clear_fair_share_weight, not both")
         async with self._sessions() as session:
             row = await find_tenant(session, ref)
             if allowed_models is not None:
@@ -80,6 +89,8 @@ class TenantService:
                 row.allowed_profiles = list(allowed_profiles)
             if default_profile is not None or clear_default_profile:
                 row.default_profile = default_profile
+            if fair_share_weight is not None or clear_fair_share_weight:
+                row.fair_share_weight = fair_share_weight
             await session.commit()
             return TenantInfo.of(row)
 
@@ -130,6 +141,12 @@ class TenantService:
                 await session.execute(select(Limit).where(Limit.tenant_id == tenant.id, _key_is(key_id)))
             ).scalar_one_or_none()
             return limits_of(row)
+
+
+def _check_weight(weight: float | None) -> None:
+    problem = weight_problem(weight) if weight is not None else None
+    if problem is not None:
+        raise TenancyError(f"fair_share_weight: {problem}")
 
 
 def _key_is(key_id: str | None):

@@ -18,6 +18,7 @@ class TenantInfo:
     allowed_profiles: tuple[str, ...]
     default_profile: str | None
     created_at: datetime
+    fair_share_weight: float | None = None  # None: the platform file's `gateway.tenant_weights`, else 1
 
     @classmethod
     def of(cls, row: Tenant) -> TenantInfo:
@@ -29,6 +30,7 @@ class TenantInfo:
             allowed_profiles=tuple(row.allowed_profiles or ()),
             default_profile=row.default_profile,
             created_at=row.created_at,
+            fair_share_weight=row.fair_share_weight,
         )
 
 
