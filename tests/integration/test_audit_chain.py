@@ -120,7 +120,8 @@ async def test_tampering_is_detected_and_located(engine: AsyncEngine, signer: Si
     writer = await write_events(engine, signer, 10)
     chain = f"{writer.writer_id}:acme"
     before = await verify_database(engine, signer.verifier)
-    assert before.ok and before.events == 10 and before.chains[0].checkpoints == 1
+    assert before.ok and before.events == 10 and before.chains[0].checkpoints == 3  # genesis, head, final
+    assert (before.chains[0].final_sequence, before.chains[0].unsigned_events) == (10, 0)
 
     async with engine.begin() as conn:
         await tamper_mode(conn)
@@ -138,8 +139,13 @@ async def test_forged_checkpoint_and_truncation_are_detected(engine: AsyncEngine
     async with engine.begin() as conn:
         await tamper_mode(conn)
         await conn.execute(update(CHECKPOINTS).values(signature=b"\x00" * 64))
-    problem = (await verify_database(engine, signer.verifier)).first_problem
-    assert problem is not None and (problem.sequence, problem.what) == (6, "bad signature")
+    problems = (await verify_database(engine, signer.verifier)).problems
+    assert [(p.chain_id, p.sequence, p.what) for p in problems] == [
+        (chain, 0, "bad signature"),  # the genesis
+        (chain, 0, "no genesis"),  # so the chain was not opened by a trusted writer
+        (chain, 6, "bad signature"),  # the head written by checkpoint()
+        (chain, 6, "bad signature"),  # the final head written by close()
+    ]
 
     await reset_audit(engine)
     writer = await write_events(engine, signer, 6)
@@ -169,7 +175,7 @@ async def test_a_rewritten_and_rehashed_chain_is_caught_by_its_checkpoint(engine
             await conn.execute(update(EVENTS).where(where).values(**values))
     problem = (await verify_database(engine, signer.verifier)).first_problem
     assert problem is not None and (problem.sequence, problem.what) == (10, MODIFIED), str(problem)
-    assert "signed checkpoint" in problem.detail
+    assert "signed head" in problem.detail and "after sequence 0" in problem.detail
 
 
 async def test_postgresql_trigger_refuses_update_and_delete(pg_url: str, signer: Signer) -> None:
@@ -227,7 +233,7 @@ async def test_export_round_trips_and_one_changed_byte_fails(
     public = Verifier.from_file(keys["public"])
     report = verify_export(out, public)
     assert report.ok, report.problems
-    assert report.rows == 16 and report.checkpoints == 1
+    assert report.rows == 16 and report.checkpoints == 3  # the acme chain's genesis, head and final head
 
     for name in (events_file(fmt), MANIFEST):
         path = out / name

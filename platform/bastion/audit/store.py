@@ -13,12 +13,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.audit.events import format_time, parse_time
-from bastion.db.models import AuditAnchor, AuditCheckpoint, AuditEvent
+from bastion.db.models import AuditAnchor, AuditCheckpoint, AuditEvent, AuditRecord
 from bastion.db.session import create_engine
 
 EVENTS = AuditEvent.__table__
 CHECKPOINTS = AuditCheckpoint.__table__
 ANCHORS = AuditAnchor.__table__
+RECORDS = AuditRecord.__table__
+GENESIS_KEY = "_genesis"  # a sealed row may carry its chain's signed genesis, inserted in the same transaction
 ROW_COLUMNS = (
     "chain_id",
     "sequence",
@@ -69,8 +71,30 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
 async def insert_checkpoints(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    stmt = _insert(conn.dialect.name, CHECKPOINTS).on_conflict_do_nothing(index_elements=["chain_id", "sequence"])
+    stmt = _insert(conn.dialect.name, CHECKPOINTS).on_conflict_do_nothing(
+        index_elements=["chain_id", "sequence", "kind"]
+    )
     await conn.execute(stmt, list(rows))
+
+
+async def insert_records(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(RECORDS.insert(), list(rows))
+
+
+async def signed_heads(engine: AsyncEngine, chain_id: str | None = None) -> list[Any]:
+    """Checkpoint rows (all kinds) in (chain, sequence) order."""
+    query = select(CHECKPOINTS).order_by(CHECKPOINTS.c.chain_id, CHECKPOINTS.c.sequence, CHECKPOINTS.c.id)
+    if chain_id is not None:
+        query = query.where(CHECKPOINTS.c.chain_id == chain_id)
+    async with engine.connect() as conn:
+        return list((await conn.execute(query)).all())
+
+
+async def signed_records(engine: AsyncEngine, kind: str) -> list[Any]:
+    async with engine.connect() as conn:
+        query = select(RECORDS).where(RECORDS.c.kind == kind).order_by(RECORDS.c.id)
+        return list((await conn.execute(query)).all())
 
 
 def writer_engine(url: str) -> AsyncEngine:
@@ -87,6 +111,13 @@ def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out["occurred_at"], datetime):
         out["occurred_at"] = format_time(out["occurred_at"])
     out["content"] = base64.b64encode(out["content"]).decode() if out["content"] else None
+    genesis = row.get(GENESIS_KEY)
+    if genesis is not None:  # spool lines only: the chain's signed genesis travels with its first row
+        out[GENESIS_KEY] = {
+            **genesis,
+            "signed_at": format_time(genesis["signed_at"]),
+            "signature": base64.b64encode(genesis["signature"]).decode(),
+        }
     return out
 
 
@@ -95,6 +126,13 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
     out["occurred_at"] = parse_time(out["occurred_at"])
     out["sequence"] = int(out["sequence"])
     out["content"] = base64.b64decode(out["content"]) if out["content"] else None
+    genesis = data.get(GENESIS_KEY)
+    if genesis is not None:
+        out[GENESIS_KEY] = {
+            **genesis,
+            "signed_at": parse_time(genesis["signed_at"]),
+            "signature": base64.b64decode(genesis["signature"]),
+        }
     return out
 
 
