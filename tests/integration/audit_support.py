@@ -161,7 +161,7 @@ def problems(report: Any) -> list[tuple[str, int, str]]:
     return [(p.chain_id, p.sequence, p.what) for p in report.problems]
 
 
-def platform_file(tmp_path: Path, pg_url: str, audit: dict[str, Any]) -> Path:
+def platform_file(tmp_path: Path, pg_url: str, audit: dict[str, Any], name: str = "platform") -> Path:
     """A platform file on this PostgreSQL database with the given audit section."""
     url = pg_url
     text_ = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {tmp_path}")
@@ -170,7 +170,7 @@ def platform_file(tmp_path: Path, pg_url: str, audit: dict[str, Any]) -> Path:
     text_ += "\naudit:\n" + "".join(
         f"  {k}: {json.dumps(v) if not isinstance(v, Path) else v}\n" for k, v in audit.items()
     )
-    path = tmp_path / "platform.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(text_)
     return path
 

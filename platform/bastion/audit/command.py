@@ -39,7 +39,11 @@ def audit_verify(
     ] = None,
     witness: Annotated[
         list[Path] | None,
-        typer.Option("--witness", metavar="SOURCE", help="off-box witness: a witness folder or a syslog/journal file (repeatable)"),
+        typer.Option(
+            "--witness",
+            metavar="SOURCE",
+            help="off-box witness: a witness folder or a syslog/journal file (repeatable)",
+        ),
     ] = None,
     max_unsigned_s: Annotated[
         float | None,
@@ -71,13 +75,13 @@ def audit_verify(
         else:
             _print_keys(keyring.fingerprints)
             if checked.unverified_source:
-                out.print("warning: exported with --allow-unverified: the database did not verify (see manifest)")
+                _line("warning: exported with --allow-unverified: the database did not verify (see manifest)")
         if not checked.ok:
             for problem in checked.problems[1:] if not as_json else []:
-                out.print(f"problem: {problem}")
+                _line(f"problem: {problem}")
             raise AuditError(f"export does not verify: {checked.first_problem}")
         if not as_json:
-            out.print(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
+            _line(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
         return
     report = asyncio.run(
         service.verify(load_config(config), public_key, witness=witness, max_unsigned_s=max_unsigned_s)
@@ -88,21 +92,26 @@ def audit_verify(
         _print_keys(report.trusted_keys)
         for chain in report.chains:
             if chain.unsigned_events:
-                out.print(
+                _line(
                     f"chain {chain.chain_id}: {chain.unsigned_events} events no signature covers "
                     f"(since {chain.unsigned_since})"
                 )
         for problem in report.problems:
-            out.print(f"problem: {problem}")
+            _line(f"problem: {problem}")
     if not report.ok:
         raise AuditError(f"audit log does not verify: {len(report.problems)} problems; first: {report.first_problem}")
     if not as_json:
-        out.print(f"ok: {len(report.chains)} chains, {report.events} events")
+        _line(f"ok: {len(report.chains)} chains, {report.events} events")
+
+
+def _line(text: str) -> None:
+    """One unwrapped plain line: auditors grep these and paste them into reports."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 def _print_keys(fingerprints: list[str]) -> None:
     for fingerprint in fingerprints:
-        out.print(f"trusted key: {fingerprint}")
+        _line(f"trusted key: {fingerprint}")
 
 
 @audit_app.command("fingerprint")
@@ -110,7 +119,7 @@ def audit_fingerprint(key: Annotated[Path, typer.Argument(help="public or privat
     """Print a key's SHA-256 fingerprint, to pin in audit.trusted_key_fingerprints."""
     from bastion.audit.signing import Verifier
 
-    out.print(Verifier.from_file(key).fingerprint)
+    _line(Verifier.from_file(key).fingerprint)
 
 
 @audit_app.command("rotate-key")
@@ -126,7 +135,8 @@ def audit_rotate_key(
     from bastion.audit import service
 
     done = asyncio.run(service.rotate_key(load_config(config), new_key))
-    out.print(f"hand-over recorded: {done['old']} -> {done['new']}")
+    _line(f"hand-over recorded: {done['old']} -> {done['new']}")
+    _line("now point audit.signing_key_file at the new key and restart the writers")
 
 
 @audit_app.command("export")
@@ -166,7 +176,7 @@ def audit_export(
             )
         )
     if result.manifest.get("verification", {}).get("verified") is False:
-        out.print("warning: the log did not verify; the manifest says so (verification.problems)")
+        _line("warning: the log did not verify; the manifest says so (verification.problems)")
     out.print(f"{result.rows} events exported to {out_dir} (manifest sha256 {result.manifest_sha256})")
 
 
