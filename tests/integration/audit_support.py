@@ -167,9 +167,8 @@ def platform_file(tmp_path: Path, pg_url: str, audit: dict[str, Any], name: str 
     text_ = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {tmp_path}")
     text_ = text_.replace('url: "sqlite+aiosqlite:///{data_dir}/bastion.db"', f'url: "{url}"')
     assert url in text_
-    text_ += "\naudit:\n" + "".join(
-        f"  {k}: {json.dumps(v) if not isinstance(v, Path) else v}\n" for k, v in audit.items()
-    )
+    text_ += "\naudit:\n" if audit else ""
+    text_ += "".join(f"  {k}: {json.dumps(v) if not isinstance(v, Path) else v}\n" for k, v in audit.items())
     path = tmp_path / f"{name}.yaml"
     path.write_text(text_)
     return path
