@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -42,7 +43,8 @@ _PG_INSERT = (  # the columns of ROW_COLUMNS, in that order
 )
 
 
-_PAYLOAD = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+# Sorted keys: for an ASCII payload the stored text is then its canonical form, which verification hashes as is.
+_PAYLOAD = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _insert(dialect: str, table: Any):  # -> a dialect Insert with ON CONFLICT support
@@ -154,6 +156,10 @@ async def chain_rows(
     engine: AsyncEngine, chain_id: str, after: int = 0, until: int | None = None, page: int = 5000
 ) -> AsyncIterator[dict[str, Any]]:
     """A chain's rows in sequence order, a page at a time (keyset on sequence: constant memory)."""
+    if engine.dialect.name == "postgresql":
+        async for row in _pg_chain_rows(engine, chain_id, after, until, page):
+            yield row
+        return
     last = after
     while True:
         query = select(EVENTS).where(EVENTS.c.chain_id == chain_id, EVENTS.c.sequence > last)
@@ -166,6 +172,38 @@ async def chain_rows(
         if len(rows) < page:
             return
         last = rows[-1]["sequence"]
+
+
+_PG_SELECT = (
+    "SELECT id, chain_id, sequence, prev_hash, hash, occurred_at, kind, tenant_id, actor, request_id, "
+    "payload::text AS _payload_text, content "
+    "FROM audit_events WHERE chain_id = $1 AND sequence > $2 AND sequence <= $3 ORDER BY sequence LIMIT $4"
+)
+
+
+async def _pg_chain_rows(
+    engine: AsyncEngine, chain_id: str, after: int, until: int | None, page: int
+) -> AsyncIterator[dict[str, Any]]:
+    """asyncpg's own fetch, the next page fetched while this one is hashed: verification reads every row."""
+    bound = until if until is not None else 2**62
+
+    async def fetch(last: int) -> list[Any]:
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            return list(await raw.fetch(_PG_SELECT, chain_id, last, bound, page))
+
+    pending: asyncio.Task[list[Any]] | None = asyncio.ensure_future(fetch(after))
+    try:
+        while pending is not None:
+            records = await pending
+            pending = asyncio.ensure_future(fetch(records[-1]["sequence"])) if len(records) == page else None
+            for record in records:
+                row = dict(record.items())
+                row["payload"] = None  # parsed only if the stored text is not the canonical form (hashes_to_stored)
+                yield row
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 async def find_one(engine: AsyncEngine, chain_id: str, **where: Any) -> dict[str, Any] | None:

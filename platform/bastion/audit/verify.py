@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bastion.audit.chain import GENESIS, SYSTEM_TENANT, row_hash
+from bastion.audit.chain import GENESIS, SYSTEM_TENANT, hashes_to_stored, row_hash
 from bastion.audit.events import format_time, utcnow
 from bastion.audit.keyring import HANDOVER, Keyring
 from bastion.audit.prunes import RETENTION, check_anchor
@@ -247,7 +247,7 @@ class _Walker:
             if gap:
                 self._report(Problem(self.chain_id, expected, DELETED, f"sequence {expected} missing, next is {seq}"))
                 self._quiet_until = seq + _RESYNC_WINDOW
-            content_ok = row_hash(row["prev_hash"], row) == row["hash"]
+            content_ok = hashes_to_stored(row)
             if row["prev_hash"] != prev and not gap:
                 echo = seq <= self._quiet_until and row["prev_hash"] in self._recent
                 if not echo:
