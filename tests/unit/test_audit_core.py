@@ -154,6 +154,7 @@ def test_fast_canonical_row_is_byte_identical_to_canonical_json() -> None:
         {**base, "tenant_id": None, "actor": None, "request_id": None, "content": None, "payload": {}},
         {**base, "tenant_id": "ünï\u00e9\U0001f600", "actor": 'a"b\\c\td', "request_id": "\u007f", "payload": None},
         {**base, "occurred_at": "2026-12-03T13:00:00.000001Z", "tenant_id": "t", "actor": None, "request_id": "x"},
+        {**base, "tenant_id": "t", "actor": 5, "request_id": None},  # not text: the general form
     ]
     for row in variants:
         assert canonical_row(row) == _canonical_row_slow(row), row
