@@ -284,10 +284,9 @@ class AuditWriter:
         row = event.record()
         chain_id = chain_id_for(self.writer_id, row["tenant_id"])
         head = self._heads.get(chain_id)
+        opening = head is None
         if head is None:
-            head = self._heads[chain_id] = ChainHead(chain_id)
-            if self.signer is not None:  # the chain opens with a signed genesis, stored with its first row
-                row[GENESIS_KEY] = checkpoint_row(self.signer, chain_id, 0, GENESIS, GENESIS_KIND)
+            head = ChainHead(chain_id)
         content = event.event_content
         row["content"] = None
         if content is not None:
@@ -295,7 +294,12 @@ class AuditWriter:
                 row["content"] = self.cipher.encrypt(content.model_dump(mode="json"), chain_id, head.sequence + 1)
             else:
                 row["payload"]["content_dropped"] = "no content key configured"
-        return head.seal(row)
+        sealed = head.seal(row)  # may raise: then the chain is not opened by this event
+        if opening:
+            self._heads[chain_id] = head
+            if self.signer is not None:  # the chain opens with a signed genesis, stored with its first row
+                sealed[GENESIS_KEY] = checkpoint_row(self.signer, chain_id, 0, GENESIS, GENESIS_KIND)
+        return sealed
 
     def _backlog(self) -> bool:
         return bool(self._orphans) or (self._spool is not None and self._spool.pending)
