@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -19,8 +20,9 @@ from bastion.audit.crypto import ContentCipher, decrypt_content
 from bastion.audit.export import MANIFEST, export_events
 from bastion.audit.exportcheck import verify_export
 from bastion.audit.formats import FORMATS, events_file, read_rows
+from bastion.audit.keyring import handover_record
 from bastion.audit.signing import Signer, Verifier, keygen
-from bastion.audit.store import CHECKPOINTS, EVENTS
+from bastion.audit.store import CHECKPOINTS, EVENTS, RECORDS
 from bastion.audit.verify import DELETED, INSERTED, MODIFIED, REORDERED, verify_database
 from bastion.db import migrate
 from bastion.db.session import create_engine
@@ -40,6 +42,7 @@ async def reset_audit(engine: AsyncEngine) -> None:
         await conn.execute(text("DELETE FROM audit_events"))
         await conn.execute(text("DELETE FROM audit_checkpoints"))
         await conn.execute(text("DELETE FROM audit_anchors"))
+        await conn.execute(text("DELETE FROM audit_records"))
 
 
 async def tamper_mode(conn: AsyncConnection) -> None:
@@ -184,12 +187,18 @@ async def test_postgresql_trigger_refuses_update_and_delete(pg_url: str, signer:
     try:
         await reset_audit(engine)
         await write_events(engine, signer, 3)
+        successor = Signer(Ed25519PrivateKey.generate())
+        async with engine.begin() as conn:  # a signed record (key hand-over): append-only like the rest
+            await conn.execute(RECORDS.insert(), [handover_record(signer, successor, "test")])
         for statement in (
             "UPDATE audit_events SET payload = '{}'",
             "DELETE FROM audit_events",
             "TRUNCATE audit_events",
             "UPDATE audit_checkpoints SET hash = 'x'",
             "DELETE FROM audit_checkpoints",
+            "DELETE FROM audit_records",
+            "UPDATE audit_records SET key_id = 'x'",
+            "TRUNCATE audit_records",
         ):
             with pytest.raises(DBAPIError, match="append-only"):
                 async with engine.begin() as conn:

@@ -26,6 +26,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_audit_commands_end_to_end(tmp_path: Path) -> None:
+    helped = _run("audit", "verify", "--help").stdout
+    assert all(option in helped for option in ("--json", "--witness", "--public-key", "--max-unsigned-s"))
     keys = tmp_path / "keys"
     assert _run("audit", "keygen", "--out", str(keys)).returncode == 0
     private, public = keys / "audit-signing.pem", keys / "audit-signing.pub.pem"
