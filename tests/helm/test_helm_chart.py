@@ -57,11 +57,13 @@ def _rayservice(manifests: list[Manifest]) -> Manifest:
 
 
 def _pod_specs(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
-    """Every pod spec of the release: Deployments, Jobs and the RayService's head and worker groups."""
+    """Every pod spec of the release: Deployments, Jobs, CronJobs and the RayService's head and worker groups."""
     specs = {}
     for m in manifests:
         if m["kind"] in ("Deployment", "Job"):
             specs[f"{m['kind']}/{m['metadata']['name']}"] = m["spec"]["template"]["spec"]
+        elif m["kind"] == "CronJob":
+            specs[f"CronJob/{m['metadata']['name']}"] = m["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     cluster = _rayservice(manifests)["spec"]["rayClusterConfig"]
     specs["ray/head"] = cluster["headGroupSpec"]["template"]["spec"]
     for group in cluster["workerGroupSpecs"]:
@@ -273,6 +275,21 @@ def test_migration_job_is_a_pre_install_and_pre_upgrade_hook(render: Render) -> 
         assert int(hook["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
 
 
+def test_audit_retention_cronjob_runs_the_signed_retention(render: Render) -> None:
+    cron = one(render(), "CronJob", "bastion-retention")
+    assert cron["spec"]["schedule"] == "17 3 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["bastion", "audit", "retention", "--config", CLUSTER_CONFIG_PATH]
+    assert [e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e] == ["database-url"]
+    secret_files = [
+        i["path"]
+        for s in next(v for v in pod["volumes"] if v["name"] == "secrets")["projected"]["sources"]
+        for i in s["secret"]["items"]
+    ]
+    assert secret_files == ["audit-signing-key"]  # the one key retention signs its records with
+
+
 def test_secrets_default_to_existing_secret_and_generate_keys(render: Render) -> None:
     manifests = render()
     secret = one(manifests, "Secret", "bastion-secrets")
@@ -393,7 +410,7 @@ def test_database_egress_only_from_control_plane_serving_and_migrations(
         for rule in policy.get("egress", [])
         if {"protocol": "TCP", "port": 5432} in rule.get("ports", [])
     }
-    assert with_database == {"serving", "control", "migrations"}
+    assert with_database == {"serving", "control", "migrations", "retention"}
     database_rule = next(r for r in policies["control"]["egress"] if {"protocol": "TCP", "port": 5432} in r["ports"])
     assert database_rule["to"] == [{"ipBlock": {"cidr": "10.1.0.10/32"}}]
     gateway_rule = next(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -19,8 +20,9 @@ from bastion.audit.crypto import ContentCipher, decrypt_content
 from bastion.audit.export import MANIFEST, export_events
 from bastion.audit.exportcheck import verify_export
 from bastion.audit.formats import FORMATS, events_file, read_rows
+from bastion.audit.keyring import handover_record
 from bastion.audit.signing import Signer, Verifier, keygen
-from bastion.audit.store import CHECKPOINTS, EVENTS
+from bastion.audit.store import CHECKPOINTS, EVENTS, RECORDS
 from bastion.audit.verify import DELETED, INSERTED, MODIFIED, REORDERED, verify_database
 from bastion.db import migrate
 from bastion.db.session import create_engine
@@ -40,6 +42,7 @@ async def reset_audit(engine: AsyncEngine) -> None:
         await conn.execute(text("DELETE FROM audit_events"))
         await conn.execute(text("DELETE FROM audit_checkpoints"))
         await conn.execute(text("DELETE FROM audit_anchors"))
+        await conn.execute(text("DELETE FROM audit_records"))
 
 
 async def tamper_mode(conn: AsyncConnection) -> None:
@@ -120,7 +123,8 @@ async def test_tampering_is_detected_and_located(engine: AsyncEngine, signer: Si
     writer = await write_events(engine, signer, 10)
     chain = f"{writer.writer_id}:acme"
     before = await verify_database(engine, signer.verifier)
-    assert before.ok and before.events == 10 and before.chains[0].checkpoints == 1
+    assert before.ok and before.events == 10 and before.chains[0].checkpoints == 3  # genesis, head, final
+    assert (before.chains[0].final_sequence, before.chains[0].unsigned_events) == (10, 0)
 
     async with engine.begin() as conn:
         await tamper_mode(conn)
@@ -138,8 +142,13 @@ async def test_forged_checkpoint_and_truncation_are_detected(engine: AsyncEngine
     async with engine.begin() as conn:
         await tamper_mode(conn)
         await conn.execute(update(CHECKPOINTS).values(signature=b"\x00" * 64))
-    problem = (await verify_database(engine, signer.verifier)).first_problem
-    assert problem is not None and (problem.sequence, problem.what) == (6, "bad signature")
+    problems = (await verify_database(engine, signer.verifier)).problems
+    assert [(p.chain_id, p.sequence, p.what) for p in problems] == [
+        (chain, 0, "bad signature"),  # the genesis
+        (chain, 0, "no genesis"),  # so the chain was not opened by a trusted writer
+        (chain, 6, "bad signature"),  # the head written by checkpoint()
+        (chain, 6, "bad signature"),  # the final head written by close()
+    ]
 
     await reset_audit(engine)
     writer = await write_events(engine, signer, 6)
@@ -169,7 +178,7 @@ async def test_a_rewritten_and_rehashed_chain_is_caught_by_its_checkpoint(engine
             await conn.execute(update(EVENTS).where(where).values(**values))
     problem = (await verify_database(engine, signer.verifier)).first_problem
     assert problem is not None and (problem.sequence, problem.what) == (10, MODIFIED), str(problem)
-    assert "signed checkpoint" in problem.detail
+    assert "signed head" in problem.detail and "after sequence 0" in problem.detail
 
 
 async def test_postgresql_trigger_refuses_update_and_delete(pg_url: str, signer: Signer) -> None:
@@ -178,12 +187,18 @@ async def test_postgresql_trigger_refuses_update_and_delete(pg_url: str, signer:
     try:
         await reset_audit(engine)
         await write_events(engine, signer, 3)
+        successor = Signer(Ed25519PrivateKey.generate())
+        async with engine.begin() as conn:  # a signed record (key hand-over): append-only like the rest
+            await conn.execute(RECORDS.insert(), [handover_record(signer, successor, "test")])
         for statement in (
             "UPDATE audit_events SET payload = '{}'",
             "DELETE FROM audit_events",
             "TRUNCATE audit_events",
             "UPDATE audit_checkpoints SET hash = 'x'",
             "DELETE FROM audit_checkpoints",
+            "DELETE FROM audit_records",
+            "UPDATE audit_records SET key_id = 'x'",
+            "TRUNCATE audit_records",
         ):
             with pytest.raises(DBAPIError, match="append-only"):
                 async with engine.begin() as conn:
@@ -227,7 +242,7 @@ async def test_export_round_trips_and_one_changed_byte_fails(
     public = Verifier.from_file(keys["public"])
     report = verify_export(out, public)
     assert report.ok, report.problems
-    assert report.rows == 16 and report.checkpoints == 1
+    assert report.rows == 16 and report.checkpoints == 3  # the acme chain's genesis, head and final head
 
     for name in (events_file(fmt), MANIFEST):
         path = out / name

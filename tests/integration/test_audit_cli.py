@@ -26,6 +26,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_audit_commands_end_to_end(tmp_path: Path) -> None:
+    helped = _run("audit", "verify", "--help").stdout
+    assert all(option in helped for option in ("--json", "--witness", "--public-key", "--max-unsigned-s"))
     keys = tmp_path / "keys"
     assert _run("audit", "keygen", "--out", str(keys)).returncode == 0
     private, public = keys / "audit-signing.pem", keys / "audit-signing.pub.pem"
@@ -36,8 +38,13 @@ def test_audit_commands_end_to_end(tmp_path: Path) -> None:
     text += f"\naudit:\n  signing_key_file: {private}\n  content_key_file: {keys / 'audit-content.key'}\n"
     config.write_text(text)
     migrate.upgrade(f"sqlite:///{tmp_path / 'bastion.db'}")
+    result = _run("audit", "verify", "--config", str(config))  # the platform file's own key is not trusted
+    assert result.returncode == 1 and "no trusted audit key" in result.stderr, result.stderr
+    fingerprint = _run("audit", "fingerprint", str(public)).stdout.strip()
+    config.write_text(text + f"  trusted_key_fingerprints: [{fingerprint}]\n")
     result = _run("audit", "verify", "--config", str(config))
     assert result.returncode == 0 and "ok: 0 chains, 0 events" in result.stdout, result.stderr
+    assert f"trusted key: {fingerprint}" in result.stdout
 
     out = tmp_path / "export"
     result = _run(

@@ -84,7 +84,7 @@ async def test_retention_deletes_signed_prefix_audits_it_and_still_verifies(
     await writer.checkpoint()
     chain = f"{writer.writer_id}:acme"
 
-    results = await apply_retention(engine, signer.verifier, {"acme": 30})
+    results = await apply_retention(engine, signer, {"acme": 30})
     assert [(r.chain_id, r.up_to_sequence, r.deleted) for r in results] == [(chain, 10, 10)]
     assert await _count(engine, "acme") == 8 and await _count(engine, "globex") == 5
     for result in results:
@@ -99,7 +99,7 @@ async def test_retention_deletes_signed_prefix_audits_it_and_still_verifies(
         audited = (await conn.execute(select(EVENTS.c.payload).where(EVENTS.c.kind == "retention"))).scalar_one()
     assert audited["up_to_sequence"] == 10 and audited["deleted"] == 10 and audited["chain_id"] == chain
 
-    assert await apply_retention(engine, signer.verifier, {"acme": 30}) == []  # nothing more is covered
+    assert await apply_retention(engine, signer, {"acme": 30}) == []  # nothing more is covered
 
     # A deleted prefix without a retention anchor is not retention: verification reports it.
     await _superuser_tx(engine, delete(ANCHORS))
@@ -114,7 +114,7 @@ async def test_retention_refuses_to_delete_a_tampered_prefix(engine: AsyncEngine
     await writer.close()  # closing signs the head
     await _superuser_tx(engine, update(EVENTS).where(EVENTS.c.sequence == 3).values(request_id="changed"))
     with pytest.raises(AuditError, match=r"retention refused.*sequence 3: modified"):
-        await apply_retention(engine, signer.verifier, {"acme": 30})
+        await apply_retention(engine, signer, {"acme": 30})
     assert await _count(engine, "acme") == 6
 
 
@@ -131,7 +131,7 @@ async def test_policies_come_from_tenants_then_the_platform_default(engine: Asyn
     with_default = await tenant_policies(engine, 365)
     assert (with_default[acme], with_default[globex]) == (30, 365)
     with pytest.raises(AuditError, match="at least 1"):
-        await apply_retention(engine, signer.verifier, {acme: 0})
+        await apply_retention(engine, signer, {acme: 0})
 
 
 def _tenant(tenant_id: str, days: int | None) -> dict[str, Any]:

@@ -205,7 +205,7 @@ async def test_content_is_encrypted_and_nowhere_else(
     writer.enqueue(event(1, content=EventContent(prompt=SECRET, completion=f"re: {SECRET}")))
     writer.enqueue(event(2))  # a tenant that did not opt in: the gateway passes no content
     await writer.close()
-    plain = AuditWriter(engine)  # no content key: content is dropped, never stored in clear
+    plain = AuditWriter(engine, signer=signer)  # no content key: content is dropped, never stored in clear
     await plain.start()
     plain.enqueue(event(3, content=EventContent(prompt=SECRET)))
     await plain.close()

@@ -133,3 +133,28 @@ def test_spool_appends_replays_and_repairs_a_torn_line(tmp_path: Path) -> None:
     spool.append(rows[3:])
     assert [r["sequence"] for r in spool.read(10)[0]] == [4, 5]
     spool.close()
+
+
+def test_fast_canonical_row_is_byte_identical_to_canonical_json() -> None:
+    """Sealing and verification use a key-by-key writer; it must give canonical_json's exact bytes."""
+    from datetime import UTC, datetime
+
+    from bastion.audit.chain import _canonical_row_slow, canonical_row
+
+    base = {
+        "chain_id": "w-1-ab:acme",
+        "sequence": 7,
+        "occurred_at": datetime(2026, 12, 3, 13, 0, 0, 123456, tzinfo=UTC),
+        "kind": "inference",
+        "payload": {"z": 1, "a": [1.5, None, 'é\n"\\\u2028'], "nested": {"b": True, "a": "\x00"}},
+        "content": b"ciphertext",
+    }
+    variants = [
+        {**base, "tenant_id": "acme", "actor": "ops@example.com", "request_id": "r-1"},
+        {**base, "tenant_id": None, "actor": None, "request_id": None, "content": None, "payload": {}},
+        {**base, "tenant_id": "ünï\u00e9\U0001f600", "actor": 'a"b\\c\td', "request_id": "\u007f", "payload": None},
+        {**base, "occurred_at": "2026-12-03T13:00:00.000001Z", "tenant_id": "t", "actor": None, "request_id": "x"},
+        {**base, "tenant_id": "t", "actor": 5, "request_id": None},  # not text: the general form
+    ]
+    for row in variants:
+        assert canonical_row(row) == _canonical_row_slow(row), row

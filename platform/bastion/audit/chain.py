@@ -8,17 +8,19 @@ SHA-256, so a swapped or altered ciphertext breaks the chain like any other chan
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bastion.audit.events import canonical_json, format_time
 
 GENESIS = "0" * 64
+RAW_PAYLOAD = "_payload_text"  # a row read for verification: the payload column's stored text, not yet parsed
 SYSTEM_TENANT = "-"  # chain suffix for events without a tenant (admin actions, unknown-key failures)
 
 
@@ -33,7 +35,40 @@ def chain_id_for(writer_id: str, tenant_id: str | None) -> str:
     return f"{writer_id}:{tenant_id or SYSTEM_TENANT}"
 
 
+_STRING = json.encoder.encode_basestring  # what canonical_json's encoder writes for a str (ensure_ascii=False)
+_ENCODE_PAYLOAD = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else _STRING(value)
+
+
 def canonical_row(row: Mapping[str, Any]) -> bytes:
+    """canonical_json of the row's document, written key by key (the keys are fixed and already sorted): the
+    same bytes, several times faster, because sealing and verification run it for every event."""
+    try:
+        occurred, content = row["occurred_at"], row.get("content")
+        if type(occurred) is datetime and occurred.tzinfo is UTC:
+            stamp = occurred.isoformat(timespec="microseconds")[:-6] + "Z"  # format_time, without its checks
+        else:
+            stamp = format_time(occurred) if isinstance(occurred, datetime) else occurred
+        payload = row.get(RAW_PAYLOAD)
+        if payload is None:
+            payload = _ENCODE_PAYLOAD(row.get("payload") or {})
+        digest = f'"{hashlib.sha256(content).hexdigest()}"' if content else "null"
+        return (
+            f'{{"actor":{_text(row.get("actor"))},"chain_id":{_STRING(row["chain_id"])},"content_sha256":{digest},'
+            f'"kind":{_STRING(row["kind"])},"occurred_at":{_STRING(stamp)},"payload":{payload},'
+            f'"request_id":{_text(row.get("request_id"))},"sequence":{int(row["sequence"])},'
+            f'"tenant_id":{_text(row.get("tenant_id"))},"v":1}}'
+        ).encode()
+    except TypeError:  # a column that is not text (or a payload json cannot encode): the general form decides
+        return _canonical_row_slow(row)
+
+
+def _canonical_row_slow(row: Mapping[str, Any]) -> bytes:
+    if row.get(RAW_PAYLOAD) is not None:
+        row = {**row, "payload": json.loads(row[RAW_PAYLOAD])}
     occurred = row["occurred_at"]
     content = row.get("content")
     doc = {
@@ -53,6 +88,19 @@ def canonical_row(row: Mapping[str, Any]) -> bytes:
 
 def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical_row(row)).hexdigest()
+
+
+def hashes_to_stored(row: dict[str, Any]) -> bool:
+    """Whether the row's columns hash to its stored hash. A row read with its payload's stored text (RAW_PAYLOAD)
+    is first hashed with that text as is: a match proves the text is the canonical form (SHA-256), so only a
+    mismatch pays for parsing the payload and hashing its canonical form."""
+    if row_hash(row["prev_hash"], row) == row["hash"]:
+        return True
+    raw = row.pop(RAW_PAYLOAD, None)
+    if raw is None:
+        return False
+    row["payload"] = json.loads(raw)
+    return row_hash(row["prev_hash"], row) == row["hash"]
 
 
 @dataclass

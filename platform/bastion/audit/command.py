@@ -28,29 +28,115 @@ def audit_keygen(out_dir: Annotated[Path, typer.Option("--out", help="folder for
 def audit_verify(
     config: ConfigOption = None,
     export: Annotated[Path | None, typer.Option("--export", help="verify this export folder offline")] = None,
-    public_key: Annotated[Path | None, typer.Option("--public-key", help="Ed25519 public key (PEM)")] = None,
+    public_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--public-key",
+            metavar="FILE",
+            help="the Ed25519 public key (PEM) you trust; repeat for an export key. Without it, only keys whose "
+            "fingerprints audit.trusted_key_fingerprints pins are trusted",
+        ),
+    ] = None,
+    witness: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--witness",
+            metavar="SOURCE",
+            help="off-box witness: a witness folder or a syslog/journal file (repeatable)",
+        ),
+    ] = None,
+    max_unsigned_s: Annotated[
+        float | None,
+        typer.Option("--max-unsigned-s", help="fail chains whose events no signature covers are older than this"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the full report as JSON on stdout")] = False,
 ) -> None:
-    """Verify every chain and checkpoint in the database, or an export offline (--export DIR --public-key FILE)."""
+    """Verify every chain, signed head and record in the database, or an export offline (--export DIR).
+
+    Lists every problem (chain, sequence, kind) and each chain's unsigned events; exits 1 if any."""
     import asyncio
+    import json
 
     from bastion.audit import service
     from bastion.audit.errors import AuditError
 
     if export is not None:
         from bastion.audit.exportcheck import verify_export
+        from bastion.audit.keyring import Keyring
         from bastion.audit.signing import Verifier
 
-        if public_key is None:
+        if not public_key:
             raise AuditError("--export needs --public-key FILE")
-        checked = verify_export(export, Verifier.from_file(public_key))
+        keyring = Keyring.of(*(Verifier.from_file(p) for p in public_key))
+        checked = verify_export(export, keyring)
+        if as_json:
+            sys.stdout.write(json.dumps({"ok": checked.ok, "trusted_keys": keyring.fingerprints, **vars(checked)}))
+            sys.stdout.write("\n")
+        else:
+            _print_keys(keyring.fingerprints)
+            if checked.unverified_source:
+                _line("warning: exported with --allow-unverified: the database did not verify (see manifest)")
         if not checked.ok:
+            for problem in checked.problems[1:] if not as_json else []:
+                _line(f"problem: {problem}")
             raise AuditError(f"export does not verify: {checked.first_problem}")
-        out.print(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
+        if not as_json:
+            _line(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
         return
-    report = asyncio.run(service.verify(load_config(config), public_key))
+    report = asyncio.run(
+        service.verify(load_config(config), public_key, witness=witness, max_unsigned_s=max_unsigned_s)
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        _print_keys(report.trusted_keys)
+        for chain in report.chains:
+            if chain.unsigned_events:
+                _line(
+                    f"chain {chain.chain_id}: {chain.unsigned_events} events no signature covers "
+                    f"(since {chain.unsigned_since})"
+                )
+        for problem in report.problems:
+            _line(f"problem: {problem}")
     if not report.ok:
-        raise AuditError(f"audit log does not verify: {report.first_problem}")
-    out.print(f"ok: {len(report.chains)} chains, {report.events} events")
+        raise AuditError(f"audit log does not verify: {len(report.problems)} problems; first: {report.first_problem}")
+    if not as_json:
+        _line(f"ok: {len(report.chains)} chains, {report.events} events")
+
+
+def _line(text: str) -> None:
+    """One unwrapped plain line: auditors grep these and paste them into reports."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def _print_keys(fingerprints: list[str]) -> None:
+    for fingerprint in fingerprints:
+        _line(f"trusted key: {fingerprint}")
+
+
+@audit_app.command("fingerprint")
+def audit_fingerprint(key: Annotated[Path, typer.Argument(help="public or private key file (PEM)")]) -> None:
+    """Print a key's SHA-256 fingerprint, to pin in audit.trusted_key_fingerprints."""
+    from bastion.audit.signing import Verifier
+
+    _line(Verifier.from_file(key).fingerprint)
+
+
+@audit_app.command("rotate-key")
+def audit_rotate_key(
+    new_key: Annotated[Path, typer.Option("--new-key", help="the new private signing key (bastion audit keygen)")],
+    config: ConfigOption = None,
+) -> None:
+    """Hand over from the configured signing key to a new one: a record signed by both keys.
+
+    Then point audit.signing_key_file at the new key and restart the writers; old signatures keep verifying."""
+    import asyncio
+
+    from bastion.audit import service
+
+    done = asyncio.run(service.rotate_key(load_config(config), new_key))
+    _line(f"hand-over recorded: {done['old']} -> {done['new']}")
+    _line("now point audit.signing_key_file at the new key and restart the writers")
 
 
 @audit_app.command("export")
@@ -61,8 +147,13 @@ def audit_export(
     start: Annotated[str | None, typer.Option("--from", help="from this UTC date or ISO time (inclusive)")] = None,
     end: Annotated[str | None, typer.Option("--to", help="up to this UTC date or ISO time (exclusive)")] = None,
     config: ConfigOption = None,
+    allow_unverified: Annotated[
+        bool, typer.Option("--allow-unverified", help="export even if the log does not verify (said in the manifest)")
+    ] = False,
 ) -> None:
-    """Export audit events with a signed manifest (verify it with `bastion audit verify --export`)."""
+    """Export audit events with a signed manifest (verify it with `bastion audit verify --export`).
+
+    Refuses a log that does not verify, unless --allow-unverified."""
     import asyncio
 
     from rich.progress import Progress
@@ -81,8 +172,11 @@ def audit_export(
                 end=service.parse_when(end, "--to"),
                 on_total=lambda n: progress.update(task, total=n),
                 on_progress=lambda n: progress.advance(task, n),
+                allow_unverified=allow_unverified,
             )
         )
+    if result.manifest.get("verification", {}).get("verified") is False:
+        _line("warning: the log did not verify; the manifest says so (verification.problems)")
     out.print(f"{result.rows} events exported to {out_dir} (manifest sha256 {result.manifest_sha256})")
 
 

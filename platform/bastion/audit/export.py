@@ -73,6 +73,7 @@ async def export_events(
     end: datetime | None = None,
     page: int = 5000,
     on_progress: Callable[[int], None] | None = None,
+    verification: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write an export; memory is one page of rows plus one small entry per chain, whatever the row count."""
     if fmt not in FORMATS:
@@ -139,6 +140,8 @@ async def export_events(
         "created_at": format_time(utcnow()),
         "key_id": signer.key_id,
     }
+    if verification is not None:  # whether the database verified before export (`--allow-unverified` says no)
+        manifest["verification"] = verification
     data = canonical_json(manifest)
     (out_dir / MANIFEST).write_bytes(data)
     (out_dir / SIGNATURE).write_bytes(base64.b64encode(signer.sign(data)) + b"\n")
@@ -154,7 +157,7 @@ async def _write_checkpoints(engine: AsyncEngine, path: Path, chains: dict[str, 
                 select(CHECKPOINTS)
                 .where(
                     CHECKPOINTS.c.chain_id == chain_id,
-                    CHECKPOINTS.c.sequence >= seg["first_sequence"],
+                    CHECKPOINTS.c.sequence >= seg["first_sequence"] - 1,  # the genesis (0) of a whole chain
                     CHECKPOINTS.c.sequence <= seg["last_sequence"],
                 )
                 .order_by(CHECKPOINTS.c.sequence)
@@ -165,6 +168,7 @@ async def _write_checkpoints(engine: AsyncEngine, path: Path, chains: dict[str, 
                         "chain_id": cp["chain_id"],
                         "sequence": cp["sequence"],
                         "hash": cp["hash"],
+                        "kind": cp["kind"],
                         "signed_at": format_time(cp["signed_at"]),
                         "key_id": cp["key_id"],
                         "signature": base64.b64encode(bytes(cp["signature"])).decode(),

@@ -11,13 +11,15 @@ import binascii
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bastion.audit.chain import row_hash
-from bastion.audit.events import format_time
+from bastion.audit.events import format_time, parse_time
 from bastion.audit.export import CHECKPOINT_FILE, MANIFEST, SIGNATURE, sha256_file
 from bastion.audit.formats import FORMATS, events_file, read_rows
-from bastion.audit.signing import Verifier
+from bastion.audit.keyring import Keyring
+from bastion.audit.signing import LEGACY_KIND, Verifier
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ExportReport:
     rows: int = 0
     checkpoints: int = 0
     problems: list[str] = field(default_factory=list)
+    unverified_source: bool = False  # exported with --allow-unverified: the database did not verify then
 
     @property
     def ok(self) -> bool:
@@ -35,10 +38,12 @@ class ExportReport:
         return self.problems[0] if self.problems else None
 
 
-def verify_export(directory: Path, verifier: Verifier) -> ExportReport:
+def verify_export(directory: Path, verifier: Verifier | Keyring) -> ExportReport:
+    """Every problem found, in order; after a changed file the rows are still walked to name the changed row."""
+    keyring = verifier if isinstance(verifier, Keyring) else Keyring.of(verifier)
     report = ExportReport()
     directory = Path(directory)
-    manifest = _manifest(directory, verifier, report)
+    manifest = _manifest(directory, keyring, report)
     if manifest is None:
         return report
     for name, entry in sorted(manifest["files"].items()):
@@ -47,17 +52,18 @@ def verify_export(directory: Path, verifier: Verifier) -> ExportReport:
             report.problems.append(f"{name}: missing")
         elif sha256_file(path) != entry["sha256"]:
             report.problems.append(f"{name}: SHA-256 differs from the signed manifest (file changed)")
-    if report.problems:
-        return report
+    verification = manifest.get("verification")
+    if verification is not None and not verification.get("verified", False):
+        report.unverified_source = True
     try:
-        signed = _checkpoints(directory / CHECKPOINT_FILE, verifier, report)
+        signed = _checkpoints(directory / CHECKPOINT_FILE, keyring, report)
         _rows(directory, manifest, signed, report)
-    except (ValueError, KeyError, TypeError, OSError) as exc:  # a file that parses badly despite a good digest
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # a file that parses badly
         report.problems.append(f"unreadable export: {type(exc).__name__}")
     return report
 
 
-def _manifest(directory: Path, verifier: Verifier, report: ExportReport) -> dict[str, Any] | None:
+def _manifest(directory: Path, keyring: Keyring, report: ExportReport) -> dict[str, Any] | None:
     try:
         data = (directory / MANIFEST).read_bytes()
         signature = base64.b64decode((directory / SIGNATURE).read_bytes().strip(), validate=True)
@@ -67,8 +73,9 @@ def _manifest(directory: Path, verifier: Verifier, report: ExportReport) -> dict
     except (binascii.Error, ValueError):
         report.problems.append(f"{SIGNATURE}: not base64")
         return None
-    if not verifier.verify(signature, data):
-        report.problems.append(f"{MANIFEST}: signature does not verify with key {verifier.key_id}")
+    if keyring.verify_any(signature, data) is None:
+        keys = ", ".join(keyring.keys)
+        report.problems.append(f"{MANIFEST}: signature does not verify with a trusted key ({keys})")
         return None
     manifest = json.loads(data)
     if manifest.get("format") not in FORMATS:
@@ -77,13 +84,16 @@ def _manifest(directory: Path, verifier: Verifier, report: ExportReport) -> dict
     return manifest
 
 
-def _checkpoints(path: Path, verifier: Verifier, report: ExportReport) -> dict[tuple[str, int], str]:
+def _checkpoints(path: Path, keyring: Keyring, report: ExportReport) -> dict[tuple[str, int], str]:
     signed: dict[tuple[str, int], str] = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             cp = json.loads(line)
-            sig = base64.b64decode(cp["signature"])
-            if not verifier.verify_checkpoint(cp["key_id"], cp["chain_id"], cp["sequence"], cp["hash"], sig):
+            head = SimpleNamespace(
+                **{**cp, "kind": cp.get("kind", LEGACY_KIND), "signed_at": parse_time(cp["signed_at"])},
+            )
+            head.signature = base64.b64decode(cp["signature"])
+            if not keyring.verify_head(head):
                 report.problems.append(f"chain {cp['chain_id']} sequence {cp['sequence']}: bad signature")
             signed[(cp["chain_id"], int(cp["sequence"]))] = cp["hash"]
             report.checkpoints += 1

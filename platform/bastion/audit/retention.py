@@ -3,8 +3,10 @@
 For each of the tenant's chains, the newest signed checkpoint whose events are all older than the cutoff
 becomes the chain's anchor; the rows up to it are deleted in the same transaction (on PostgreSQL under
 `SET LOCAL bastion.retention = 'on'`, the one thing the append-only trigger lets through), and the deletion is
-audited as a `retention` event. Verification then starts at the anchor, so the chain still verifies. A chain
-that fails verification up to that checkpoint is left alone: retention never deletes evidence of tampering.
+audited as a `retention` event. The same transaction writes a signed retention record (policy, cut-off, range,
+count, actor; prunes.py), without which verification refuses the anchor. Verification then starts at the
+anchor, so the chain still verifies. A chain that fails verification up to that checkpoint is left alone:
+retention never deletes evidence of tampering.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit.errors import AuditError
 from bastion.audit.events import RetentionEvent, utcnow
-from bastion.audit.signing import Verifier
-from bastion.audit.store import ANCHORS, CHECKPOINTS, EVENTS
+from bastion.audit.prunes import retention_record
+from bastion.audit.signing import GENESIS_KIND, Signer
+from bastion.audit.store import ANCHORS, CHECKPOINTS, EVENTS, insert_records
 from bastion.audit.verify import verify_chain
 from bastion.db.models import Tenant
 
@@ -60,9 +63,14 @@ async def tenant_policies(engine: AsyncEngine, default_days: int | None) -> dict
 
 
 async def apply_retention(
-    engine: AsyncEngine, verifier: Verifier, policies: dict[str | None, int], now: datetime | None = None
+    engine: AsyncEngine,
+    signer: Signer,
+    policies: dict[str | None, int],
+    now: datetime | None = None,
+    *,
+    actor: str = "retention",
 ) -> list[RetentionResult]:
-    """Delete what each policy allows; the caller audits each result (`result.event(actor)`)."""
+    """Delete what each policy allows, with a signed record each; the caller audits each result too."""
     now = now or utcnow()
     results = []
     for tenant_id, days in sorted(policies.items(), key=lambda item: item[0] or ""):
@@ -73,13 +81,13 @@ async def apply_retention(
         async with engine.connect() as conn:
             chains = (await conn.execute(select(EVENTS.c.chain_id).where(tenant_match).distinct())).scalars().all()
         for chain_id in sorted(chains):
-            result = await _chain(engine, verifier, tenant_id, chain_id, days, cutoff)
+            result = await _chain(engine, signer, tenant_id, chain_id, days, cutoff, now, actor)
             if result is not None:
                 results.append(result)
     return results
 
 
-async def _target(engine: AsyncEngine, verifier: Verifier, chain_id: str, cutoff: datetime) -> tuple[Any, Any]:
+async def _target(engine: AsyncEngine, signer: Signer, chain_id: str, cutoff: datetime) -> tuple[Any, Any]:
     """The anchor now, and the newest signed checkpoint past it whose events are all older than cutoff."""
     async with engine.connect() as conn:
         anchor = (await conn.execute(select(ANCHORS).where(ANCHORS.c.chain_id == chain_id))).first()
@@ -88,30 +96,57 @@ async def _target(engine: AsyncEngine, verifier: Verifier, chain_id: str, cutoff
             EVENTS.c.chain_id == chain_id, EVENTS.c.sequence > start, EVENTS.c.occurred_at >= cutoff
         )
         first_young = (await conn.execute(young)).scalar_one_or_none()
-        query = select(CHECKPOINTS).where(CHECKPOINTS.c.chain_id == chain_id, CHECKPOINTS.c.sequence > start)
+        query = select(CHECKPOINTS).where(
+            CHECKPOINTS.c.chain_id == chain_id, CHECKPOINTS.c.sequence > start, CHECKPOINTS.c.kind != GENESIS_KIND
+        )
         if first_young is not None:
             query = query.where(CHECKPOINTS.c.sequence < first_young)
         candidates = (await conn.execute(query.order_by(CHECKPOINTS.c.sequence.desc()))).all()
     for cp in candidates:
-        if verifier.verify_checkpoint(cp.key_id, cp.chain_id, cp.sequence, cp.hash, bytes(cp.signature)):
+        if signer.verifier.verify_head(cp):
             return anchor, cp
     return anchor, None
 
 
 async def _chain(
-    engine: AsyncEngine, verifier: Verifier, tenant_id: str | None, chain_id: str, days: int, cutoff: datetime
+    engine: AsyncEngine,
+    signer: Signer,
+    tenant_id: str | None,
+    chain_id: str,
+    days: int,
+    cutoff: datetime,
+    now: datetime,
+    actor: str,
 ) -> RetentionResult | None:
-    anchor, cp = await _target(engine, verifier, chain_id, cutoff)
+    anchor, cp = await _target(engine, signer, chain_id, cutoff)
     if cp is None:
         return None
-    checked = await verify_chain(engine, verifier, chain_id, until=cp.sequence)
+    checked = await verify_chain(engine, signer.verifier, chain_id, until=cp.sequence)
     if checked.problem is not None:
         raise AuditError(f"retention refused: {checked.problem}")
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SET LOCAL bastion.retention = 'on'"))
-        gone = await conn.execute(delete(EVENTS).where(EVENTS.c.chain_id == chain_id, EVENTS.c.sequence <= cp.sequence))
+        prefix = (EVENTS.c.chain_id == chain_id) & (EVENTS.c.sequence <= cp.sequence)
+        last_at = (await conn.execute(select(func.max(EVENTS.c.occurred_at)).where(prefix))).scalar_one()
+        gone = await conn.execute(delete(EVENTS).where(prefix))
         deleted = int(gone.rowcount or 0)
+        record = retention_record(
+            signer,
+            chain_id=chain_id,
+            tenant_id=tenant_id,
+            days=days,
+            cutoff=cutoff,
+            pruned_at=now,
+            from_sequence=(anchor.sequence if anchor else 0) + 1,
+            to_sequence=cp.sequence,
+            deleted=deleted,
+            total_deleted=(anchor.deleted if anchor else 0) + deleted,
+            last_deleted_at=last_at or cutoff,
+            checkpoint_hash=cp.hash,
+            actor=actor,
+        )
+        await insert_records(conn, [record])
         values = {"sequence": cp.sequence, "hash": cp.hash, "checkpoint_id": cp.id, "updated_at": utcnow()}
         if anchor is None:
             await conn.execute(insert(ANCHORS).values(chain_id=chain_id, deleted=deleted, **values))

@@ -17,10 +17,13 @@ from bastion.audit.crypto import ContentCipher, decrypt_content
 from bastion.audit.errors import AuditError, AuditKeyError
 from bastion.audit.events import AdminEvent, ExportEvent, VerifyEvent
 from bastion.audit.export import ExportResult, count_rows, export_events
+from bastion.audit.keyring import Keyring, handover_record
 from bastion.audit.retention import RetentionResult, apply_retention, tenant_policies
 from bastion.audit.signing import Signer, Verifier
-from bastion.audit.store import EVENTS
+from bastion.audit.store import EVENTS, chain_ids, insert_records
 from bastion.audit.verify import VerifyReport, verify_database
+from bastion.audit.witness import DirectorySink, Sink, SyslogSink, Witness, read_witness
+from bastion.audit.witnesscheck import check_witness
 from bastion.audit.writer import AuditWriter
 from bastion.config import PlatformConfig
 from bastion.db.session import create_engine
@@ -43,6 +46,34 @@ def load_verifier(config: PlatformConfig, public_key: Path | None = None) -> Ver
     return load_signer(config).verifier
 
 
+def trusted_keyring(config: PlatformConfig, public_keys: list[Path] | None = None) -> Keyring:
+    """The keys verification trusts: the auditor's `--public-key` files, else the keys whose fingerprints the
+    platform file pins (found in audit.public_key_file / signing_key_file). Anything else is refused."""
+    if public_keys:
+        return Keyring.of(*(Verifier.from_file(path) for path in public_keys))
+    pinned = config.audit.trusted_key_fingerprints
+    if not pinned:
+        raise AuditKeyError(
+            "no trusted audit key: pass --public-key FILE or pin audit.trusted_key_fingerprints in the platform file"
+        )
+    candidates = [p for p in (config.audit.public_key_file, config.audit.signing_key_file) if p is not None]
+    found = [Verifier.from_file(path) for path in candidates]
+    trusted = [v for v in found if v.fingerprint in pinned]
+    if not trusted:
+        named = ", ".join(v.fingerprint for v in found) or "none"
+        raise AuditKeyError(f"refusing to verify: no configured key is pinned (keys found: {named})")
+    return Keyring.of(*trusted)
+
+
+def build_witness(config: PlatformConfig) -> Witness | None:
+    sinks: list[Sink] = []
+    if config.audit.witness_dir is not None:
+        sinks.append(DirectorySink(config.audit.witness_dir))
+    if config.audit.witness_syslog is not None:
+        sinks.append(SyslogSink(config.audit.witness_syslog))
+    return Witness(sinks) if sinks else None
+
+
 def load_cipher(config: PlatformConfig) -> ContentCipher | None:
     path = config.audit.content_key_file
     return ContentCipher.from_file(path) if path is not None else None
@@ -52,11 +83,14 @@ def build_writer(config: PlatformConfig, engine: AsyncEngine | None = None, **op
     """The gateway's writer: checkpoints signed when a signing key is configured, content encrypted when a
     content key is; without a content key, content is never stored even for tenants that opted in."""
     signer = load_signer(config) if config.audit.signing_key_file is not None else None
+    options.setdefault("checkpoint_every", config.audit.checkpoint_every)
+    options.setdefault("checkpoint_interval_s", config.audit.checkpoint_interval_s)
     return AuditWriter(
         engine if engine is not None else config.database.url,
         spool_dir=spool_dir(config),
         signer=signer,
         cipher=load_cipher(config),
+        witness=build_witness(config),
         **options,
     )
 
@@ -91,11 +125,22 @@ def cli_actor() -> str:
     return f"cli:{getpass.getuser()}"[:128]
 
 
-async def verify(config: PlatformConfig, public_key: Path | None = None, actor: str | None = None) -> VerifyReport:
-    """Verify every chain and checkpoint, and audit the verification itself."""
-    verifier = load_verifier(config, public_key)
+async def verify(
+    config: PlatformConfig,
+    public_keys: list[Path] | None = None,
+    actor: str | None = None,
+    *,
+    witness: list[Path] | None = None,
+    max_unsigned_s: float | None = None,
+) -> VerifyReport:
+    """Verify every chain, signed head and record with the trusted keys (and against witnesses); audit it."""
+    keyring = trusted_keyring(config, public_keys)
+    witnessed = [head for source in witness or [] for head in read_witness(source)]
     async with _database(config) as engine:
-        report = await verify_database(engine, verifier)
+        policies = await tenant_policies(engine, config.audit.retention_days)
+        report = await verify_database(engine, keyring, max_unsigned_s=max_unsigned_s, policies=policies)
+        if witness:
+            await check_witness(engine, keyring, witnessed, report)
         first = report.first_problem
         event = VerifyEvent(
             actor=actor or cli_actor(),
@@ -105,7 +150,8 @@ async def verify(config: PlatformConfig, public_key: Path | None = None, actor: 
             events=report.events,
             first_error=str(first) if first else None,
         )
-        await record(config, [event], engine)
+        if config.audit.signing_key_file is not None:  # an auditor's host holds no signing key: nothing to write
+            await record(config, [event], engine)
     return report
 
 
@@ -120,14 +166,34 @@ async def export(
     actor: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    allow_unverified: bool = False,
 ) -> ExportResult:
-    """Export, sign the manifest, and audit the export."""
+    """Verify what is exported (refuse a log that does not verify unless allowed), export, sign, audit."""
     signer = load_signer(config)
+    manifest_signer = Signer.from_file(config.audit.export_key_file) if config.audit.export_key_file else signer
+    keyring = trusted_keyring(config) if config.audit.trusted_key_fingerprints else Keyring.of(signer.verifier)
     async with _database(config) as engine:
+        chains = await chain_ids(engine, tenant)
+        checked = await verify_database(engine, keyring, chains)
+        problems = [str(p) for p in checked.problems]
+        if problems and not allow_unverified:
+            raise AuditError(
+                f"export refused: the log does not verify ({len(problems)} problems; first: {problems[0]}); "
+                "--allow-unverified exports anyway and says so in the manifest"
+            )
+        verification = {"verified": not problems, "problems": problems[:1000], "problem_count": len(problems)}
         if on_total is not None:
             on_total(await count_rows(engine, tenant, start, end))
         result = await export_events(
-            engine, out_dir, fmt, signer, tenant=tenant, start=start, end=end, on_progress=on_progress
+            engine,
+            out_dir,
+            fmt,
+            manifest_signer,
+            tenant=tenant,
+            start=start,
+            end=end,
+            on_progress=on_progress,
+            verification=verification,
         )
         event = ExportEvent(
             tenant_id=tenant,
@@ -144,12 +210,23 @@ async def export(
 
 async def retention(config: PlatformConfig, actor: str | None = None) -> list[RetentionResult]:
     """Apply every tenant's retention (tenant setting, else audit.retention_days) and audit each deletion."""
-    verifier = load_signer(config).verifier
+    signer = load_signer(config)
+    who = actor or cli_actor()
     async with _database(config) as engine:
         policies = await tenant_policies(engine, config.audit.retention_days)
-        results = await apply_retention(engine, verifier, policies)
-        await record(config, [r.event(actor or cli_actor()) for r in results], engine)
+        results = await apply_retention(engine, signer, policies, actor=who)
+        await record(config, [r.event(who) for r in results], engine)
     return results
+
+
+async def rotate_key(config: PlatformConfig, new_key: Path, actor: str | None = None) -> dict[str, Any]:
+    """Record the hand-over from the configured signing key to `new_key`, signed by both (then point
+    audit.signing_key_file at the new key and restart the writers)."""
+    old, new = load_signer(config), Signer.from_file(new_key)
+    row = handover_record(old, new, actor or cli_actor())
+    async with _database(config) as engine, engine.begin() as conn:
+        await insert_records(conn, [row])
+    return {"old": old.verifier.fingerprint, "new": new.verifier.fingerprint}
 
 
 def parse_when(text: str | None, option: str) -> datetime | None:

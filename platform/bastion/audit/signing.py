@@ -18,11 +18,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from bastion.audit.crypto import generate_content_key
 from bastion.audit.errors import AuditKeyError
+from bastion.audit.events import canonical_json, format_time
 
 PRIVATE_NAME = "audit-signing.pem"
 PUBLIC_NAME = "audit-signing.pub.pem"
 CONTENT_NAME = "audit-content.key"
 _CHECKPOINT_DOMAIN = b"bastion-audit-checkpoint-v1"
+_HEAD_DOMAIN = b"bastion-audit-head-v2"
+_RECORD_DOMAIN = b"bastion-audit-record-v1"
+# Kinds of signed heads: a chain opens with `genesis` (sequence 0), is signed periodically (`head`), and ends
+# with `final` (its writer closed) or `replayed` (another writer replayed a dead writer's spool). `head-v1`
+# marks checkpoints written before migration 0005 (their signature covers chain, sequence and hash only).
+GENESIS_KIND, HEAD_KIND, FINAL_KIND, REPLAYED_KIND, LEGACY_KIND = "genesis", "head", "final", "replayed", "head-v1"
+TERMINAL_KINDS = (FINAL_KIND, REPLAYED_KIND)
 
 
 def checkpoint_message(chain_id: str, sequence: int, hash_hex: str) -> bytes:
@@ -30,20 +38,43 @@ def checkpoint_message(chain_id: str, sequence: int, hash_hex: str) -> bytes:
     return b"\n".join([_CHECKPOINT_DOMAIN, chain_id.encode(), str(int(sequence)).encode(), hash_hex.encode()])
 
 
+def head_message(kind: str, chain_id: str, sequence: int, hash_hex: str, signed_at: datetime) -> bytes:
+    """What a v2 head signs: its kind and time too, so a `final` or a `genesis` cannot be relabelled or moved."""
+    parts = [_HEAD_DOMAIN, kind.encode(), chain_id.encode(), str(int(sequence)).encode(), hash_hex.encode()]
+    return b"\n".join([*parts, format_time(signed_at).encode()])
+
+
+def record_message(kind: str, body: dict[str, Any]) -> bytes:
+    """What a signed record (retention, key hand-over) signs: its kind and the canonical JSON of its body."""
+    return b"\n".join([_RECORD_DOMAIN, kind.encode(), canonical_json(body)])
+
+
+def public_raw(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def fingerprint(public_key: Ed25519PublicKey) -> str:
+    """SHA-256 of the raw public key, 64 hex digits: what an auditor pins; `key_id` is its first 16."""
+    return hashlib.sha256(public_raw(public_key)).hexdigest()
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return fingerprint(public_key)[:16]
 
 
-def checkpoint_row(signer: Signer, chain_id: str, sequence: int, hash_hex: str) -> dict[str, Any]:
-    """An audit_checkpoints row: the signed head of one chain."""
+def checkpoint_row(
+    signer: Signer, chain_id: str, sequence: int, hash_hex: str, kind: str = HEAD_KIND
+) -> dict[str, Any]:
+    """An audit_checkpoints row: the signed head of one chain (or its genesis, at sequence 0)."""
+    signed_at = datetime.now(UTC)
     return {
         "chain_id": chain_id,
         "sequence": sequence,
         "hash": hash_hex,
-        "signed_at": datetime.now(UTC),
+        "kind": kind,
+        "signed_at": signed_at,
         "key_id": signer.key_id,
-        "signature": signer.sign_checkpoint(chain_id, sequence, hash_hex),
+        "signature": signer.sign(head_message(kind, chain_id, sequence, hash_hex, signed_at)),
     }
 
 
@@ -52,7 +83,8 @@ class Verifier:
 
     def __init__(self, public_key: Ed25519PublicKey) -> None:
         self.public_key = public_key
-        self.key_id = key_id(public_key)
+        self.fingerprint = fingerprint(public_key)
+        self.key_id = self.fingerprint[:16]
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         try:
@@ -63,6 +95,16 @@ class Verifier:
 
     def verify_checkpoint(self, key: str, chain_id: str, sequence: int, hash_hex: str, signature: bytes) -> bool:
         return key == self.key_id and self.verify(signature, checkpoint_message(chain_id, sequence, hash_hex))
+
+    def verify_head(self, row: Any) -> bool:
+        """A checkpoint row (v1 or v2) signed by this key."""
+        if row.key_id != self.key_id:
+            return False
+        if (row.kind or LEGACY_KIND) == LEGACY_KIND:
+            message = checkpoint_message(row.chain_id, row.sequence, row.hash)
+        else:
+            message = head_message(row.kind, row.chain_id, row.sequence, row.hash, row.signed_at)
+        return self.verify(bytes(row.signature), message)
 
     @classmethod
     def from_file(cls, path: Path) -> Verifier:

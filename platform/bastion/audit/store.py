@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -13,12 +14,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.audit.events import format_time, parse_time
-from bastion.db.models import AuditAnchor, AuditCheckpoint, AuditEvent
+from bastion.db.models import AuditAnchor, AuditCheckpoint, AuditEvent, AuditRecord
 from bastion.db.session import create_engine
 
 EVENTS = AuditEvent.__table__
 CHECKPOINTS = AuditCheckpoint.__table__
 ANCHORS = AuditAnchor.__table__
+RECORDS = AuditRecord.__table__
+GENESIS_KEY = "_genesis"  # a sealed row may carry its chain's signed genesis, inserted in the same transaction
 ROW_COLUMNS = (
     "chain_id",
     "sequence",
@@ -40,7 +43,8 @@ _PG_INSERT = (  # the columns of ROW_COLUMNS, in that order
 )
 
 
-_PAYLOAD = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+# Sorted keys: for an ASCII payload the stored text is then its canonical form, which verification hashes as is.
+_PAYLOAD = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _insert(dialect: str, table: Any):  # -> a dialect Insert with ON CONFLICT support
@@ -69,8 +73,30 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
 async def insert_checkpoints(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    stmt = _insert(conn.dialect.name, CHECKPOINTS).on_conflict_do_nothing(index_elements=["chain_id", "sequence"])
+    stmt = _insert(conn.dialect.name, CHECKPOINTS).on_conflict_do_nothing(
+        index_elements=["chain_id", "sequence", "kind"]
+    )
     await conn.execute(stmt, list(rows))
+
+
+async def insert_records(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(RECORDS.insert(), list(rows))
+
+
+async def signed_heads(engine: AsyncEngine, chain_id: str | None = None) -> list[Any]:
+    """Checkpoint rows (all kinds) in (chain, sequence) order."""
+    query = select(CHECKPOINTS).order_by(CHECKPOINTS.c.chain_id, CHECKPOINTS.c.sequence, CHECKPOINTS.c.id)
+    if chain_id is not None:
+        query = query.where(CHECKPOINTS.c.chain_id == chain_id)
+    async with engine.connect() as conn:
+        return list((await conn.execute(query)).all())
+
+
+async def signed_records(engine: AsyncEngine, kind: str) -> list[Any]:
+    async with engine.connect() as conn:
+        query = select(RECORDS).where(RECORDS.c.kind == kind).order_by(RECORDS.c.id)
+        return list((await conn.execute(query)).all())
 
 
 def writer_engine(url: str) -> AsyncEngine:
@@ -87,6 +113,13 @@ def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out["occurred_at"], datetime):
         out["occurred_at"] = format_time(out["occurred_at"])
     out["content"] = base64.b64encode(out["content"]).decode() if out["content"] else None
+    genesis = row.get(GENESIS_KEY)
+    if genesis is not None:  # spool lines only: the chain's signed genesis travels with its first row
+        out[GENESIS_KEY] = {
+            **genesis,
+            "signed_at": format_time(genesis["signed_at"]),
+            "signature": base64.b64encode(genesis["signature"]).decode(),
+        }
     return out
 
 
@@ -95,6 +128,13 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
     out["occurred_at"] = parse_time(out["occurred_at"])
     out["sequence"] = int(out["sequence"])
     out["content"] = base64.b64decode(out["content"]) if out["content"] else None
+    genesis = data.get(GENESIS_KEY)
+    if genesis is not None:
+        out[GENESIS_KEY] = {
+            **genesis,
+            "signed_at": parse_time(genesis["signed_at"]),
+            "signature": base64.b64decode(genesis["signature"]),
+        }
     return out
 
 
@@ -116,6 +156,10 @@ async def chain_rows(
     engine: AsyncEngine, chain_id: str, after: int = 0, until: int | None = None, page: int = 5000
 ) -> AsyncIterator[dict[str, Any]]:
     """A chain's rows in sequence order, a page at a time (keyset on sequence: constant memory)."""
+    if engine.dialect.name == "postgresql":
+        async for row in _pg_chain_rows(engine, chain_id, after, until, page):
+            yield row
+        return
     last = after
     while True:
         query = select(EVENTS).where(EVENTS.c.chain_id == chain_id, EVENTS.c.sequence > last)
@@ -128,6 +172,38 @@ async def chain_rows(
         if len(rows) < page:
             return
         last = rows[-1]["sequence"]
+
+
+_PG_SELECT = (
+    "SELECT id, chain_id, sequence, prev_hash, hash, occurred_at, kind, tenant_id, actor, request_id, "
+    "payload::text AS _payload_text, content "
+    "FROM audit_events WHERE chain_id = $1 AND sequence > $2 AND sequence <= $3 ORDER BY sequence LIMIT $4"
+)
+
+
+async def _pg_chain_rows(
+    engine: AsyncEngine, chain_id: str, after: int, until: int | None, page: int
+) -> AsyncIterator[dict[str, Any]]:
+    """asyncpg's own fetch, the next page fetched while this one is hashed: verification reads every row."""
+    bound = until if until is not None else 2**62
+
+    async def fetch(last: int) -> list[Any]:
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            return list(await raw.fetch(_PG_SELECT, chain_id, last, bound, page))
+
+    pending: asyncio.Task[list[Any]] | None = asyncio.ensure_future(fetch(after))
+    try:
+        while pending is not None:
+            records = await pending
+            pending = asyncio.ensure_future(fetch(records[-1]["sequence"])) if len(records) == page else None
+            for record in records:
+                row = dict(record.items())
+                row["payload"] = None  # parsed only if the stored text is not the canonical form (hashes_to_stored)
+                yield row
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 async def find_one(engine: AsyncEngine, chain_id: str, **where: Any) -> dict[str, Any] | None:

@@ -1,6 +1,10 @@
 """The durable writer: `enqueue` only appends to a deque; one task seals, batches, inserts, spools and checkpoints.
 
 Durability order: a sealed row is in the database, or fsync'd in the spool, or held in memory and retried.
+Every chain's life is signed: its first row carries a signed genesis (inserted in the same transaction, or
+spooled with it), the heads that reached the database are signed every `checkpoint_interval_s` or
+`checkpoint_every` events, `close()` signs a `final` head, and a writer that replays a dead writer's spool
+signs that chain's head as `replayed`. Each signed head also goes to the witness (off the database), if any.
 While the spool holds anything, new rows go to the spool too, so replay keeps each chain in order. Replay
 inserts with ON CONFLICT DO NOTHING on (chain_id, sequence): a batch whose commit succeeded but whose
 acknowledgement was lost is not written twice.
@@ -17,13 +21,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bastion.audit.chain import ChainHead, chain_id_for, new_writer_id
+from bastion.audit.chain import GENESIS, ChainHead, chain_id_for, new_writer_id
 from bastion.audit.crypto import ContentCipher
 from bastion.audit.errors import AuditError
 from bastion.audit.events import Event, EventBase
-from bastion.audit.signing import Signer, checkpoint_row
+from bastion.audit.signing import FINAL_KIND, GENESIS_KIND, HEAD_KIND, REPLAYED_KIND, Signer, checkpoint_row
 from bastion.audit.spool import Spool, adopt_orphans
-from bastion.audit.store import insert_checkpoints, insert_events, writer_engine
+from bastion.audit.store import GENESIS_KEY, insert_checkpoints, insert_events, writer_engine
+from bastion.audit.witness import Witness
 
 log = logging.getLogger(__name__)
 _SEAL_CHUNK = 64  # events sealed between yields to the event loop, so a big batch never stalls requests
@@ -46,11 +51,12 @@ class AuditWriter:
         checkpoint_interval_s: float = 60.0,
         retry_interval_s: float = 1.0,
         db_timeout_s: float = 15.0,
+        witness: Witness | None = None,
     ) -> None:
         self._owns_engine = isinstance(engine, str)
         self.engine = writer_engine(engine) if isinstance(engine, str) else engine
         self.writer_id = writer_id or new_writer_id()
-        self.signer, self.cipher = signer, cipher
+        self.signer, self.cipher, self.witness = signer, cipher, witness
         self.batch_size, self.max_queue = batch_size, max_queue
         self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
         self.retry_interval_s, self.db_timeout_s = retry_interval_s, db_timeout_s
@@ -60,6 +66,11 @@ class AuditWriter:
         self._queue: deque[Any] = deque()
         self._pending: list[dict[str, Any]] = []  # sealed, not yet durable
         self._heads: dict[str, ChainHead] = {}
+        self._in_db: dict[str, tuple[int, str]] = {}  # chain -> (sequence, hash) of its last row in the database
+        self._signed: dict[str, int] = {}  # chain -> the last sequence a signed head covers
+        self._replayed: dict[str, tuple[int, str]] = {}  # dead writers' chains replayed, head not yet signed
+        self._final = False  # the final heads are being signed: no new events
+        self.witness_failures = 0
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._checkpoint_waiters: list[asyncio.Future[None]] = []
@@ -75,7 +86,7 @@ class AuditWriter:
 
     def enqueue(self, event: Event) -> None:
         """Append and return: no I/O, no hashing, no lock (p99 well under 50 µs)."""
-        if self._closed:
+        if self._closed or self._final:
             raise AuditError("audit writer is closed")
         if not isinstance(event, EventBase):
             raise TypeError("enqueue takes an audit event (InferenceEvent, AdminEvent, ...)")
@@ -148,13 +159,14 @@ class AuditWriter:
                 f"audit database still unreachable after {timeout:.0f}s; events are in the spool"
             ) from None
 
-    async def checkpoint(self, timeout: float | None = None) -> None:
-        """Sign every chain head now; needs the database (rows first, then their checkpoint)."""
+    async def checkpoint(self, timeout: float | None = None, *, final: bool = False) -> None:
+        """Sign every chain head now (`final`: and close the chains); needs the database (rows, then heads)."""
         if self.signer is None:
             raise AuditError("no audit signing key configured (audit.signing_key_file)")
         timeout = self.db_timeout_s if timeout is None else timeout
         await self.flush(timeout)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._final = self._final or final
         self._checkpoint_waiters.append(future)
         self._next_retry = 0.0
         self._wake.set()
@@ -173,7 +185,7 @@ class AuditWriter:
             try:
                 await self.drain(timeout)
                 if self.signer is not None:
-                    await self.checkpoint(timeout)
+                    await self.checkpoint(timeout, final=True)
             except AuditError as exc:
                 log.warning(
                     "audit: closing with %d spooled bytes (%s); the next writer replays them", self.spool_bytes, exc
@@ -228,24 +240,30 @@ class AuditWriter:
         inflight: asyncio.Future[bool] | None = None
         if self._pending and not self._backlog() and self._db_due():
             batch, self._pending = self._pending, []
-            inflight = asyncio.ensure_future(self._db(insert_events, batch))
+            inflight = asyncio.ensure_future(self._db(self._insert, batch))
         await self._seal_more()
         if inflight is not None:
             if await inflight:
                 self._durable += len(batch)
+                self._landed(batch)
             else:
                 self._pending = batch + self._pending  # the failed batch stays first: chains keep their order
         if self._backlog() and self._db_due():
             await self._replay()
         if self._pending and (self._backlog() or not self._db_ok):
             self._to_spool()
-        if not self._pending and not self._backlog() and self._db_due() and self.signer is not None:
-            force = bool(self._checkpoint_waiters)
-            if (force or self._checkpoint_due_in() <= 0) and await self._write_checkpoints():
+        if self.signer is None or not self._db_due():
+            return
+        if self._replayed:
+            await self._sign_replayed()
+        if self._checkpoint_waiters and not self._pending and not self._backlog():
+            if await self._write_checkpoints(FINAL_KIND if self._final else HEAD_KIND):
                 waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
                 for future in waiters:
                     if not future.done():
                         future.set_result(None)
+        elif self._checkpoint_due_in() <= 0:  # what reached the database is signed even while more is pending
+            await self._write_checkpoints(HEAD_KIND)
 
     async def _seal_more(self) -> None:
         while self._queue and len(self._pending) < self.batch_size:
@@ -265,7 +283,10 @@ class AuditWriter:
     def _seal(self, event: Any) -> dict[str, Any]:
         row = event.record()
         chain_id = chain_id_for(self.writer_id, row["tenant_id"])
-        head = self._heads.get(chain_id) or self._heads.setdefault(chain_id, ChainHead(chain_id))
+        head = self._heads.get(chain_id)
+        opening = head is None
+        if head is None:
+            head = ChainHead(chain_id)
         content = event.event_content
         row["content"] = None
         if content is not None:
@@ -273,10 +294,43 @@ class AuditWriter:
                 row["content"] = self.cipher.encrypt(content.model_dump(mode="json"), chain_id, head.sequence + 1)
             else:
                 row["payload"]["content_dropped"] = "no content key configured"
-        return head.seal(row)
+        sealed = head.seal(row)  # may raise: then the chain is not opened by this event
+        if opening:
+            self._heads[chain_id] = head
+            if self.signer is not None:  # the chain opens with a signed genesis, stored with its first row
+                sealed[GENESIS_KEY] = checkpoint_row(self.signer, chain_id, 0, GENESIS, GENESIS_KIND)
+        return sealed
 
     def _backlog(self) -> bool:
         return bool(self._orphans) or (self._spool is not None and self._spool.pending)
+
+    async def _insert(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        """Rows and the geneses they carry, in one transaction: a chain is never in the database unopened."""
+        await insert_events(conn, rows)
+        geneses = [r[GENESIS_KEY] for r in rows if GENESIS_KEY in r]
+        if geneses:
+            await insert_checkpoints(conn, geneses)
+
+    def _landed(self, rows: list[dict[str, Any]], *, replayed: bool = False) -> None:
+        """Rows are in the database: their heads may now be signed; their geneses go to the witness."""
+        heads = self._replayed if replayed else self._in_db
+        geneses = []
+        for row in rows:
+            heads[row["chain_id"]] = (row["sequence"], row["hash"])
+            genesis = row.get(GENESIS_KEY)
+            if genesis is not None:
+                geneses.append(genesis)
+        if geneses:
+            self._witness(geneses)
+
+    def _witness(self, heads: list[dict[str, Any]]) -> None:
+        if self.witness is None:
+            return
+        try:
+            self.witness.append(heads)
+        except Exception as exc:  # the database copy stands; verify --witness will name the missing heads
+            self.witness_failures += 1
+            log.error("audit witness write failed (%s): %d signed heads not witnessed", type(exc).__name__, len(heads))
 
     async def _db(self, fn: Any, rows: list[dict[str, Any]]) -> bool:
         try:
@@ -310,8 +364,9 @@ class AuditWriter:
         for spool in [*self._orphans, *([self._spool] if self._spool else [])]:
             while spool.pending:
                 rows, end = spool.read(self.batch_size)
-                if rows and not await self._db(insert_events, rows):
+                if rows and not await self._db(self._insert, rows):
                     return
+                self._landed(rows, replayed=spool is not self._spool)
                 spool.advance(end)
                 if not rows:
                     break
@@ -322,17 +377,32 @@ class AuditWriter:
     def _checkpoint_due_in(self) -> float:
         if self.signer is None:
             return 3600.0
-        if any(h.sequence - h.checkpointed >= self.checkpoint_every for h in self._heads.values()):
+        signed = self._signed
+        if any(seq - signed.get(chain, 0) >= self.checkpoint_every for chain, (seq, _) in self._in_db.items()):
             return 0.0
         return self._last_checkpoint + self.checkpoint_interval_s - time.monotonic()
 
-    async def _write_checkpoints(self) -> bool:
+    async def _write_checkpoints(self, kind: str) -> bool:
+        """Sign the heads that are in the database (all of them for `final`, else those that moved)."""
         assert self.signer is not None
-        heads = [h for h in self._heads.values() if h.sequence > h.checkpointed]
-        rows = [checkpoint_row(self.signer, h.chain_id, h.sequence, h.hash) for h in heads]
+        heads = [(c, s, h) for c, (s, h) in self._in_db.items() if kind == FINAL_KIND or s > self._signed.get(c, 0)]
+        rows = [checkpoint_row(self.signer, chain, seq, hash_hex, kind) for chain, seq, hash_hex in heads]
         if rows and not await self._db(insert_checkpoints, rows):
             return False
-        for head, row in zip(heads, rows, strict=True):
-            head.checkpointed = row["sequence"]
+        for chain, seq, _ in heads:
+            self._signed[chain] = seq
+            if chain in self._heads:
+                self._heads[chain].checkpointed = seq
         self._last_checkpoint = time.monotonic()
+        self._witness(rows)
         return True
+
+    async def _sign_replayed(self) -> None:
+        """A dead writer's chains, once replayed, get a signed `replayed` head: no one will extend them."""
+        assert self.signer is not None
+        done = [(c, s, h) for c, (s, h) in self._replayed.items() if c not in self._heads]
+        rows = [checkpoint_row(self.signer, chain, seq, hash_hex, REPLAYED_KIND) for chain, seq, hash_hex in done]
+        if self._orphans or (rows and not await self._db(insert_checkpoints, rows)):
+            return  # after every orphan spool is in, or at the next retry
+        self._replayed.clear()
+        self._witness(rows)

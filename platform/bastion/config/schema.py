@@ -156,6 +156,33 @@ class AuditConfig(Strict):
     log_content: bool = False
     signing_key_file: Path | None = None
     content_key_file: Path | None = None
+    checkpoint_interval_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="a signed head of every chain at least this often"
+    )
+    checkpoint_every: int = Field(default=10_000, ge=1, description="...or after this many events of one chain")
+    trusted_key_fingerprints: list[str] = Field(
+        default=[],
+        description="SHA-256 fingerprints (64 hex) of the audit public keys `bastion audit verify` trusts "
+        "without --public-key (the key itself comes from public_key_file or signing_key_file)",
+    )
+    public_key_file: Path | None = Field(default=None, description="audit public key (PEM) for verification")
+    export_key_file: Path | None = Field(
+        default=None, description="separate Ed25519 key that signs export manifests (default: the signing key)"
+    )
+    witness_dir: Path | None = Field(
+        default=None, description="append-only (write-once) folder that receives a copy of every signed head"
+    )
+    witness_syslog: str | None = Field(
+        default=None, description="syslog target for the witness: a socket path (/dev/log) or udp://host:port"
+    )
+
+    @field_validator("trusted_key_fingerprints")
+    @classmethod
+    def _fingerprints(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
+                raise ValueError(f"{item!r}: a fingerprint is 64 lowercase hex digits (bastion audit fingerprint)")
+        return value
 
 
 class TelemetryConfig(Strict):

@@ -183,12 +183,15 @@ class AuditCheckpoint(Base):
     """An Ed25519 signature over a chain head, so retention can delete what a signature covers."""
 
     __tablename__ = "audit_checkpoints"
-    __table_args__ = (UniqueConstraint("chain_id", "sequence", name="uq_audit_checkpoints_chain_sequence"),)
+    __table_args__ = (
+        UniqueConstraint("chain_id", "sequence", "kind", name="uq_audit_checkpoints_chain_sequence_kind"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     chain_id: Mapped[str] = mapped_column(String(64))
     sequence: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default="head", server_default="head-v1")  # genesis|head|final|…
     signed_at: Mapped[datetime] = mapped_column(default=utcnow)
     key_id: Mapped[str] = mapped_column(String(64))
     signature: Mapped[bytes] = mapped_column(LargeBinary)
@@ -205,3 +208,19 @@ class AuditAnchor(Base):
     checkpoint_id: Mapped[int]
     deleted: Mapped[int] = mapped_column(BigInteger, default=0)  # rows retention removed from this chain so far
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AuditRecord(Base):
+    """A signed statement about the log itself: a retention prune, or a key hand-over (docs/audit.md)."""
+
+    __tablename__ = "audit_records"
+    __table_args__ = (Index("ix_audit_records_kind_chain", "kind", "chain_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))  # retention | key_handover
+    chain_id: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    signed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    co_signature: Mapped[bytes | None] = mapped_column(LargeBinary)  # a hand-over's signature by the new key
