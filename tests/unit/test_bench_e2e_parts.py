@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from bastion.bench.e2e import real_platform_file, ratios, vllm_server_command
+from bastion.bench.e2e import ratios, real_platform_file, vllm_server_command
 from bastion.bench.streams import CpuGroups, PathTally, StreamResult, ray_role
 
 REPO = Path(__file__).resolve().parents[2]
