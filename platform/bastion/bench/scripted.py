@@ -116,6 +116,7 @@ def scripted_gateway_app(
         "profile": PROFILE,
         "max_context": MAX_CONTEXT,
         "max_ongoing_requests": max_ongoing_requests,
+        "prompt_counter": count_words,  # the gateway counts as this engine does, without a handle call
     }
     gateway = GatewayIngress.options(ray_actor_options={"num_cpus": 0})
     return gateway.bind(config_path, [(info, engine)])
