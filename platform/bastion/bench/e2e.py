@@ -149,9 +149,31 @@ def ratios(level: dict[str, Any], reference: str, peer: str | None = None) -> di
             "ttft_added_p50_ms": added(figures["ttft_ms"]["p50"], ref["ttft_ms"]["p50"]),
             "ttft_added_p99_ms": added(figures["ttft_ms"]["p99"], ref["ttft_ms"]["p99"]),
         }
-    if peer and peer in paths and "bastion" in paths:
-        out["bastion"][f"req_s_vs_{peer}"] = ratio(paths["bastion"]["requests_per_s"], paths[peer]["requests_per_s"])
+    for name in ("bastion", "bastion-direct"):
+        if peer and peer in paths and name in paths:
+            out[name][f"req_s_vs_{peer}"] = ratio(paths[name]["requests_per_s"], paths[peer]["requests_per_s"])
     return out
+
+
+def direct_ingress_url(app: str, timeout_s: float = 60) -> str | None:
+    """The gateway replica's own HTTP port when Serve runs with direct ingress (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`
+    turns it on): where HAProxy sends in a cluster, skipping Serve's proxy. None in Serve's default mode."""
+    from ray.serve._private import constants
+
+    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
+        return None
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the controller assigns the port once the replica runs
+        for group in ray.get(controller.get_target_groups.remote(app)):
+            if group.protocol == "HTTP" and group.app_name == app and group.targets:
+                target = group.targets[0]
+                return f"http://{target.ip}:{target.port}"
+        time.sleep(0.5)
+    raise RuntimeError(f"direct ingress is on but Serve gave no port for {app} within {timeout_s:g} s")
 
 
 async def _wait(url: str, path: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -170,7 +192,13 @@ async def _wait(url: str, path: str, timeout_s: float, proc: subprocess.Popen[by
 
 
 async def _audit(database_url: str, levels: list[dict[str, Any]]) -> dict[str, int]:
-    ids = [rid for level in levels for rid in level["paths"]["bastion"]["request_ids"]]
+    ids = [
+        rid
+        for level in levels
+        for name, figures in level["paths"].items()
+        if name.startswith("bastion")
+        for rid in figures["request_ids"]
+    ]
     return {"requests": len(ids), "rows": await _count_audit(database_url, ids)}
 
 
@@ -234,6 +262,9 @@ def scripted_phase(run_dir: Path, opts: E2eOptions, *, serve_url: str, prefix: s
         serve.run(app, name=APP, route_prefix=prefix or "/")
         wait_until_ok(f"{serve_url}{prefix}/healthz")
         targets.append(Target("bastion", serve_url, MODEL, BASTION_GROUPS, token, prefix=prefix))
+        if direct := direct_ingress_url(APP):
+            wait_until_ok(f"{direct}{prefix}/healthz")
+            targets.append(Target("bastion-direct", direct, MODEL, BASTION_GROUPS, token, prefix=prefix))
 
         async def run() -> list[dict[str, Any]]:
             await _wait(engine_url, "/healthz", 60, engine)
@@ -345,6 +376,9 @@ def real_phase(
             Target("vllm", vllm_url, spec.served_name, [VLLM_SERVER], body=extra),
             Target("bastion", serve_url, spec.served_name, BASTION_GROUPS, token, body=extra, prefix=prefix),
         ]
+        if direct := direct_ingress_url(APP):
+            wait_until_ok(f"{direct}{prefix}/healthz")
+            targets.append(Target("bastion-direct", direct, spec.served_name, BASTION_GROUPS, token, extra, prefix))
 
         async def run() -> list[dict[str, Any]]:
             await _wait(vllm_url, "/health", 300, vllm)

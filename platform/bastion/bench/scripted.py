@@ -58,10 +58,17 @@ class ScriptedEngineDeployment:
         self.in_flight += 1
         try:
             yield replica_notice(self.replica_id)
+            tail = ""  # the last token, the usage chunk and [DONE] come together: one message, as the real
+            # replica's coalescing sends what is ready at once (engine/replica.py)
             async for chunk in self.engine.stream(_UPSTREAM, endpoint, body):  # type: ignore[arg-type]
                 if chunk.startswith("data: {"):
                     chunk = f"data: {json.dumps(self._tag(json.loads(chunk[6:])))}\n\n"
-                yield chunk
+                if tail or '"finish_reason": "stop"' in chunk:
+                    tail += chunk
+                else:
+                    yield chunk
+            if tail:
+                yield tail
         finally:
             self.in_flight -= 1
             self.served += 1
