@@ -155,12 +155,15 @@ def ratios(level: dict[str, Any], reference: str, peer: str | None = None) -> di
     return out
 
 
-def direct_ingress_url(app: str, timeout_s: float = 60) -> str | None:
-    """The gateway replica's own HTTP port when Serve runs with direct ingress (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`
-    turns it on): where HAProxy sends in a cluster, skipping Serve's proxy. None in Serve's default mode."""
-    from ray.serve._private import constants
-
-    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
+def direct_ingress_url(app: str, serve_port: int, timeout_s: float = 60) -> str | None:
+    """The gateway replica's own HTTP port when Serve runs direct ingress (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` or
+    `RAY_SERVE_ENABLE_DIRECT_INGRESS=1` in the environment Ray started with): where HAProxy sends in a cluster,
+    skipping Serve's proxy. None in Serve's default mode."""
+    flags = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    if (
+        not any(os.environ.get(flag) == "1" for flag in flags)
+        or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "0"
+    ):
         return None
     import ray
     from ray.serve.context import _get_global_client
@@ -169,11 +172,11 @@ def direct_ingress_url(app: str, timeout_s: float = 60) -> str | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:  # the controller assigns the port once the replica runs
         for group in ray.get(controller.get_target_groups.remote(app)):
-            if group.protocol == "HTTP" and group.app_name == app and group.targets:
-                target = group.targets[0]
-                return f"http://{target.ip}:{target.port}"
+            ports = [t for t in group.targets if t.port != serve_port]
+            if group.protocol == "HTTP" and ports:
+                return f"http://{ports[0].ip}:{ports[0].port}"
         time.sleep(0.5)
-    raise RuntimeError(f"direct ingress is on but Serve gave no port for {app} within {timeout_s:g} s")
+    raise RuntimeError(f"direct ingress is on but Serve gave {app} no port of its own within {timeout_s:g} s")
 
 
 async def _wait(url: str, path: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -262,7 +265,7 @@ def scripted_phase(run_dir: Path, opts: E2eOptions, *, serve_url: str, prefix: s
         serve.run(app, name=APP, route_prefix=prefix or "/")
         wait_until_ok(f"{serve_url}{prefix}/healthz")
         targets.append(Target("bastion", serve_url, MODEL, BASTION_GROUPS, token, prefix=prefix))
-        if direct := direct_ingress_url(APP):
+        if direct := direct_ingress_url(APP, int(serve_url.rsplit(":", 1)[1])):
             wait_until_ok(f"{direct}{prefix}/healthz")
             targets.append(Target("bastion-direct", direct, MODEL, BASTION_GROUPS, token, prefix=prefix))
 
@@ -376,7 +379,7 @@ def real_phase(
             Target("vllm", vllm_url, spec.served_name, [VLLM_SERVER], body=extra),
             Target("bastion", serve_url, spec.served_name, BASTION_GROUPS, token, body=extra, prefix=prefix),
         ]
-        if direct := direct_ingress_url(APP):
+        if direct := direct_ingress_url(APP, int(serve_url.rsplit(":", 1)[1])):
             wait_until_ok(f"{direct}{prefix}/healthz")
             targets.append(Target("bastion-direct", direct, spec.served_name, BASTION_GROUPS, token, extra, prefix))
 
