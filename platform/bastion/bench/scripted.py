@@ -19,6 +19,7 @@ from typing import Any
 from ray import serve
 
 from bastion.bench.doubles import ScriptedEngine, count_words
+from bastion.engine.replica import coalesce
 from bastion.gateway.engine_client import UpstreamInfo, replica_notice
 from bastion.serve.options import GRACEFUL_SHUTDOWN_S, HEALTH_CHECK_PERIOD_S, deployment_name, request_router_config
 
@@ -58,20 +59,17 @@ class ScriptedEngineDeployment:
         self.in_flight += 1
         try:
             yield replica_notice(self.replica_id)
-            tail = ""  # the last token, the usage chunk and [DONE] come together: one message, as the real
-            # replica's coalescing sends what is ready at once (engine/replica.py)
-            async for chunk in self.engine.stream(_UPSTREAM, endpoint, body):  # type: ignore[arg-type]
-                if chunk.startswith("data: {"):
-                    chunk = f"data: {json.dumps(self._tag(json.loads(chunk[6:])))}\n\n"
-                if tail or '"finish_reason": "stop"' in chunk:
-                    tail += chunk
-                else:
-                    yield chunk
-            if tail:
-                yield tail
+            async for batch in coalesce(self._tagged(endpoint, body)):  # as EngineReplica streams
+                yield batch
         finally:
             self.in_flight -= 1
             self.served += 1
+
+    async def _tagged(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        async for chunk in self.engine.stream(_UPSTREAM, endpoint, body):  # type: ignore[arg-type]
+            if chunk.startswith("data: {"):
+                chunk = f"data: {json.dumps(self._tag(json.loads(chunk[6:])))}\n\n"
+            yield chunk
 
     async def count_prompt_tokens(self, endpoint: str, body: dict[str, Any]) -> int:
         return count_words(body)
