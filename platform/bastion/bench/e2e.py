@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
-from bastion.bench.gateway import _free_port, _spawn
+from bastion.bench.gateway import _free_port, _spawn, _wait_ready
 from bastion.bench.load import _bootstrap, _count_audit, _platform_file, wait_until_ok
 from bastion.bench.streams import RAY_OTHER, CpuGroups, PathTally, chat_body, client_session, cpu_delta, stream_round
 from bastion.config import load_config
@@ -155,6 +154,12 @@ def ratios(level: dict[str, Any], reference: str, peer: str | None = None) -> di
     return out
 
 
+def with_ratios(levels: list[dict[str, Any]], reference: str, peer: str | None = None) -> list[dict[str, Any]]:
+    for level in levels:
+        level["ratios"] = ratios(level, reference, peer)
+    return levels
+
+
 def direct_ingress_url(app: str, serve_port: int, timeout_s: float = 60) -> str | None:
     """The gateway replica's own HTTP port when Serve runs direct ingress (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` or
     `RAY_SERVE_ENABLE_DIRECT_INGRESS=1` in the environment Ray started with): where HAProxy sends in a cluster,
@@ -177,21 +182,6 @@ def direct_ingress_url(app: str, serve_port: int, timeout_s: float = 60) -> str 
                 return f"http://{ports[0].ip}:{ports[0].port}"
         time.sleep(0.5)
     raise RuntimeError(f"direct ingress is on but Serve gave {app} no port of its own within {timeout_s:g} s")
-
-
-async def _wait(url: str, path: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the server for {url} exited ({proc.returncode}) before it was ready")
-            try:
-                if (await client.get(url + path)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.25)
-    raise RuntimeError(f"{url}{path} did not answer within {timeout_s:g} s")
 
 
 async def _audit(database_url: str, levels: list[dict[str, Any]]) -> dict[str, int]:
@@ -270,10 +260,10 @@ def scripted_phase(run_dir: Path, opts: E2eOptions, *, serve_url: str, prefix: s
             targets.append(Target("bastion-direct", direct, MODEL, BASTION_GROUPS, token, prefix=prefix))
 
         async def run() -> list[dict[str, Any]]:
-            await _wait(engine_url, "/healthz", 60, engine)
+            await _wait_ready(engine_url, 60, "/healthz", engine)
             for t in targets:
                 if t.name == "litellm":
-                    await _wait(t.base_url, "/health/liveliness", 240, procs[-1])
+                    await _wait_ready(t.base_url, 240, "/health/liveliness", procs[-1])
             levels = await measure(
                 targets,
                 opts.concurrency,
@@ -283,9 +273,7 @@ def scripted_phase(run_dir: Path, opts: E2eOptions, *, serve_url: str, prefix: s
                 max_tokens=opts.tokens,
                 cpu=CpuGroups(roots),
             )
-            for level in levels:
-                level["ratios"] = ratios(level, "direct", "litellm")
-            return levels
+            return with_ratios(levels, "direct", "litellm")
 
         levels = asyncio.run(run())
         audit = asyncio.run(_audit(database_url, levels))
@@ -384,7 +372,7 @@ def real_phase(
             targets.append(Target("bastion-direct", direct, spec.served_name, BASTION_GROUPS, token, extra, prefix))
 
         async def run() -> list[dict[str, Any]]:
-            await _wait(vllm_url, "/health", 300, vllm)
+            await _wait_ready(vllm_url, 300, "/health", vllm)
             levels = await measure(
                 targets,
                 opts.real_concurrency,
@@ -395,9 +383,7 @@ def real_phase(
                 cpu=CpuGroups({vllm.pid: VLLM_SERVER}),
                 warmup_per_stream=1,
             )
-            for level in levels:
-                level["ratios"] = ratios(level, "vllm")
-            return levels
+            return with_ratios(levels, "vllm")
 
         levels = asyncio.run(run())
         audit = asyncio.run(_audit(config.database.url, levels))

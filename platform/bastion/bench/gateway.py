@@ -102,10 +102,15 @@ async def _setup(data_dir: str, database_url: str, budget: bool = False) -> str:
         await engine.dispose()
 
 
-async def _wait_ready(url: str, timeout_s: float = 30.0, path: str = "/healthz") -> None:
+async def _wait_ready(
+    url: str, timeout_s: float = 30.0, path: str = "/healthz", proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll until `url + path` answers 200; fail at once if the server process `proc` has exited."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient() as client:
         while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the server for {url} exited ({proc.returncode}) before it was ready")
             try:
                 if (await client.get(url + path)).status_code == 200:
                     return
