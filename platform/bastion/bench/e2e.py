@@ -29,7 +29,16 @@ import yaml
 
 from bastion.bench.gateway import _free_port, _spawn, _wait_ready
 from bastion.bench.load import _bootstrap, _count_audit, _platform_file, wait_until_ok
-from bastion.bench.streams import RAY_OTHER, CpuGroups, PathTally, chat_body, client_session, cpu_delta, stream_round
+from bastion.bench.streams import (
+    CLIENT,
+    RAY_OTHER,
+    CpuGroups,
+    PathTally,
+    chat_body,
+    client_session,
+    cpu_delta,
+    stream_round,
+)
 from bastion.config import load_config
 
 APP = "bench-e2e"
@@ -87,6 +96,7 @@ async def measure(
     warmup_per_stream: int = 2,
 ) -> list[dict[str, Any]]:
     """Each level: a warm-up round per path, then `rounds` rounds of each path in turn; pooled per path."""
+    await settle(cpu)
     out = []
     for c in levels:
         sessions = {t.name: client_session(t.base_url, c, t.token) for t in targets}
@@ -124,6 +134,20 @@ async def measure(
                 await session.close()
         out.append({"concurrency": c, "paths": {t.name: tallies[t.name].summary(t.groups) for t in targets}})
     return out
+
+
+async def settle(cpu: CpuGroups, busy_s: float = 0.15, timeout_s: float = 90.0) -> None:
+    """Wait until the servers are quiet (a fresh deployment imports, loads and checks for a while after it says it
+    is ready), so its start-up is not charged to the first rounds: until the processes other than the client use
+    less than `busy_s` CPU seconds in a second, at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    before = cpu.snapshot()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        after = cpu.snapshot()
+        if sum(s for g, s in cpu_delta(before, after).items() if g != CLIENT) < busy_s:
+            return
+        before = after
 
 
 def ratios(level: dict[str, Any], reference: str, peer: str | None = None) -> dict[str, Any]:
