@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from bastion.bench.e2e import ratios, real_platform_file, vllm_server_command
-from bastion.bench.streams import CpuGroups, PathTally, StreamResult, ray_role
+from bastion.bench.streams import RAY_OTHER, CpuGroups, PathTally, StreamResult, cpu_delta, ray_role
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,8 +45,14 @@ def test_ray_workers_are_grouped_by_role() -> None:
 def test_cpu_groups_count_this_process_as_the_client() -> None:
     before = CpuGroups().snapshot()
     sum(i * i for i in range(300_000))
-    after = CpuGroups().snapshot()
-    assert after["client"] > before["client"]
+    assert cpu_delta(before, CpuGroups().snapshot())["client"] > 0
+
+
+def test_a_process_that_changes_group_brings_only_its_new_cpu() -> None:
+    """A Ray worker idle at the first sample and a replica at the second: its earlier CPU is not the round's."""
+    before = {1: ("client", 1.0), 7: (RAY_OTHER, 30.0)}
+    after = {1: ("client", 1.5), 7: ("gateway replica", 30.25), 9: ("engine replicas", 0.5)}
+    assert cpu_delta(before, after) == {"client": 0.5, "gateway replica": 0.25, "engine replicas": 0.5}
 
 
 def _path(rps_s: float, ttft: float, n: int = 4) -> dict:

@@ -128,7 +128,9 @@ def client_session(base_url: str, concurrency: int, token: str | None) -> aiohtt
         headers["authorization"] = f"Bearer {token}"
     return aiohttp.ClientSession(
         base_url=base_url,
-        connector=aiohttp.TCPConnector(limit=concurrency + 4),
+        # Idle between its path's rounds, a connection would outlive the server's keep-alive (uvicorn: 5 s) and fail
+        # on reuse: the client lets go first.
+        connector=aiohttp.TCPConnector(limit=concurrency + 4, keepalive_timeout=2.0),
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=300),
     )
@@ -220,8 +222,9 @@ class CpuGroups:
         self.roots = dict(roots or {})
         self._me = psutil.Process()
 
-    def snapshot(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def snapshot(self) -> dict[int, tuple[str, float]]:
+        """pid → (group, CPU seconds so far)."""
+        out: dict[int, tuple[str, float]] = {}
         procs = {p.pid: p for p in self._me.children(recursive=True)}
         groups: dict[int, str] = {self._me.pid: CLIENT}
 
@@ -241,20 +244,21 @@ class CpuGroups:
             groups[pid] = group or RAY_OTHER
             return groups[pid]
 
-        try:
-            times = self._me.cpu_times()
-            out[CLIENT] = times.user + times.system
-        except psutil.Error:
-            pass
-        for pid, proc in procs.items():
+        for pid, proc in [(self._me.pid, self._me), *procs.items()]:
             try:
                 times = proc.cpu_times()
             except psutil.Error:
                 continue
-            group = group_of(pid)
-            out[group] = out.get(group, 0.0) + times.user + times.system
+            out[pid] = (group_of(pid), times.user + times.system)
         return out
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {g: max(after[g] - before.get(g, 0.0), 0.0) for g in after}
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per group between two snapshots, process by process (a process counts in its group at the end:
+    a Ray worker that took a role in between brings only its CPU since the first snapshot; one that started in
+    between, all of its CPU)."""
+    out: dict[str, float] = {}
+    for pid, (group, seconds) in after.items():
+        used = seconds - before[pid][1] if pid in before else seconds
+        out[group] = out.get(group, 0.0) + max(used, 0.0)
+    return out
