@@ -4,7 +4,8 @@ The gateway charges prompt tokens at admission (limits, budgets, routing by cont
 costs a handle call per request through Serve's router, on the replica's event loop, which also carries vLLM's
 output. For a chat whose messages are plain text and that has no tools, the count is what vLLM's `/tokenize`
 computes: the model's chat template rendered with a generation prompt, then encoded without special tokens
-(vLLM's chat default); a string completion prompt is encoded with them. The tokenizer comes from the model's folder
+(vLLM's chat default); a string completion prompt is encoded with them. Other prompt shapes (token ids, lists) are
+the engine's to judge. The tokenizer comes from the model's folder
 in the model store, loaded in the background when the replica starts. Anything else (content parts, tool
 definitions or tool calls, an unloaded or missing tokenizer, an error) returns None: the engine counts it, as before,
 so its errors (a 400 for a prompt it cannot tokenize) stay the engine's.
@@ -84,8 +85,6 @@ class TokenizerCounter:
             prompt = body.get("prompt")
             if isinstance(prompt, str):
                 return len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                return len(prompt)
         except Exception as exc:  # the engine says what is wrong with the prompt
             log.debug("local prompt count failed (%s); asking the engine", type(exc).__name__)
         return None
