@@ -61,3 +61,20 @@ def test_the_ray_client_falls_back_to_the_engine_count() -> None:
     client = RayEngineClient([(info, Handle())], {"e": lambda endpoint, body: next(answers)})
     assert asyncio.run(client.count_prompt_tokens("e", "chat", {})) == 7 and calls == []
     assert asyncio.run(client.count_prompt_tokens("e", "chat", {})) == 42 and calls == ["chat"]
+
+
+def test_the_scripted_engines_counter_has_the_counters_signature() -> None:
+    """A counter is called (endpoint, body): one that takes other arguments fails, and every count would silently
+    go back to the engine."""
+    from bastion.bench.doubles import count_words
+    from bastion.bench.scripted import scripted_prompt_count
+    from bastion.gateway.engine_client import UpstreamInfo
+    from bastion.serve.ray_engine_client import RayEngineClient
+
+    class NoHandleCalls:
+        def options(self, **_):
+            return self
+
+    body = {"messages": [{"role": "user", "content": "a b c"}]}
+    client = RayEngineClient([(UpstreamInfo("e", "m", "p", 100, 1), NoHandleCalls())], {"e": scripted_prompt_count})
+    assert asyncio.run(client.count_prompt_tokens("e", "chat", body)) == count_words(body)

@@ -87,6 +87,11 @@ class ScriptedEngineDeployment:
             await asyncio.sleep(0.05)
 
 
+def scripted_prompt_count(endpoint: str, body: dict[str, Any]) -> int:
+    """The scripted engine's count as a gateway-side prompt counter (serve/prompt_count.py's signature)."""
+    return count_words(body)
+
+
 def scripted_engine_options(replicas: int, max_ongoing_requests: int) -> dict[str, Any]:
     """The product's deployment options (router, grace period, health checks) for the scripted engine."""
     options: dict[str, Any] = {
@@ -121,7 +126,7 @@ def scripted_gateway_app(
         "profile": PROFILE,
         "max_context": MAX_CONTEXT,
         "max_ongoing_requests": max_ongoing_requests,
-        "prompt_counter": count_words,  # the gateway counts as this engine does, without a handle call
+        "prompt_counter": scripted_prompt_count,  # the gateway counts as this engine does, without a handle call
     }
     gateway = GatewayIngress.options(ray_actor_options={"num_cpus": 0})
     return gateway.bind(config_path, [(info, engine)])
