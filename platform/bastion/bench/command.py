@@ -178,3 +178,58 @@ def bench_load(
     )
     out.print(markdown(reports), soft_wrap=True, markup=False)
     print(json.dumps([r.as_dict() for r in reports]))
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    concurrency: Annotated[str, typer.Option(help="scripted phase: comma-separated concurrency levels")] = "1,16,64",
+    requests: Annotated[int, typer.Option(help="scripted phase: requests per level and path")] = 1000,
+    seconds: Annotated[float, typer.Option(help="scripted phase: time cap per level and path")] = 10.0,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds per level (each path once per round)")] = 4,
+    tokens: Annotated[int, typer.Option(help="scripted answer length in tokens")] = 16,
+    token_delay_ms: Annotated[float, typer.Option(help="scripted time between tokens")] = 10.0,
+    real_concurrency: Annotated[str, typer.Option(help="real phase: comma-separated levels")] = "1,4",
+    real_requests: Annotated[int, typer.Option(help="real phase: requests per level and path")] = 100,
+    real_seconds: Annotated[float, typer.Option(help="real phase: time cap per level and path")] = 30.0,
+    real_tokens: Annotated[int, typer.Option(help="real phase: completion tokens (greedy, ignore_eos)")] = 64,
+    skip_real: Annotated[bool, typer.Option("--skip-real", help="only the scripted phase")] = False,
+    no_litellm: Annotated[bool, typer.Option("--no-litellm", help="leave LiteLLM out")] = False,
+    litellm: Annotated[str | None, typer.Option(help="LiteLLM proxy command (default: .tools/litellm)")] = None,
+    config: Annotated[Path, typer.Option("--config", "-c", help="platform file of the real phase")] = Path(
+        "deploy/local/bastion.yaml"
+    ),
+    port: Annotated[int, typer.Option(help="Serve's HTTP port (127.0.0.1 only)")] = 18260,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="databases, platform files and logs")] = None,
+) -> None:
+    """The deployed path against the engine behind it: streaming chat through the scripted engine's own server,
+    LiteLLM in front of it and Bastion's whole Serve path; then vLLM's own server against Bastion on the real CPU
+    engine. TTFT, stream time, req/s, tok/s, decode tok/s and CPU per request of each process group."""
+    import json
+    import tempfile
+
+    from bastion.bench.e2e import E2eOptions, run_e2e
+    from bastion.bench.e2e_report import markdown
+
+    for name, value in (("--seconds", seconds), ("--real-seconds", real_seconds)):
+        if not 0 < value <= 600:
+            raise typer.BadParameter(f"{name} must be in (0, 600]: the run is bounded")
+    if not 1 <= rounds <= 20 or requests < 1 or real_requests < 1 or tokens < 1 or real_tokens < 1:
+        raise typer.BadParameter("--rounds is 1 to 20; request and token counts are positive")
+    opts = E2eOptions(
+        concurrency=tuple(ints(concurrency)),
+        requests=requests,
+        seconds=seconds,
+        rounds=rounds,
+        tokens=tokens,
+        token_delay_ms=token_delay_ms,
+        real_concurrency=tuple(ints(real_concurrency)),
+        real_requests=real_requests,
+        real_seconds=real_seconds,
+        real_tokens=real_tokens,
+        with_litellm=not no_litellm,
+        litellm=litellm,
+    )
+    folder = run_dir or Path(tempfile.mkdtemp(prefix="bastion-bench-e2e-"))
+    result = run_e2e(folder, None if skip_real else config, opts, port=port)
+    out.print(markdown(result), soft_wrap=True, markup=False)
+    print(json.dumps(result))

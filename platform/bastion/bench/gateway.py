@@ -50,6 +50,7 @@ def serve(
     redis_url: str | None,
     engine_url: str | None = None,
     engine_delay_ms: float = 0.0,
+    engine_words: int = 0,
 ) -> None:
     """Run one app (policy, bare, or the scripted engine's own server) under uvicorn until killed."""
     import uvicorn
@@ -61,7 +62,7 @@ def serve(
 
     if mode == "engine":
         uvicorn.run(
-            engine_app(MODEL, engine_delay_ms / 1000),
+            engine_app(MODEL, engine_delay_ms / 1000, engine_words),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -101,10 +102,15 @@ async def _setup(data_dir: str, database_url: str, budget: bool = False) -> str:
         await engine.dispose()
 
 
-async def _wait_ready(url: str, timeout_s: float = 30.0, path: str = "/healthz") -> None:
+async def _wait_ready(
+    url: str, timeout_s: float = 30.0, path: str = "/healthz", proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll until `url + path` answers 200; fail at once if the server process `proc` has exited."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient() as client:
         while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the server for {url} exited ({proc.returncode}) before it was ready")
             try:
                 if (await client.get(url + path)).status_code == 200:
                     return
@@ -216,9 +222,10 @@ def _spawn(
     redis_url: str | None,
     engine_url: str | None,
     engine_delay_ms: float = 0.0,
+    engine_words: int = 0,
 ):
     args = [sys.executable, "-m", "bastion.bench.gateway", "--serve", mode, "--port", str(port)]
-    args += ["--engine-delay-ms", str(engine_delay_ms)]
+    args += ["--engine-delay-ms", str(engine_delay_ms), "--engine-words", str(engine_words)]
     args += ["--data-dir", data_dir, "--database-url", database_url]
     if redis_url:
         args += ["--redis-url", redis_url]
@@ -373,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url")
     parser.add_argument("--engine-url")
     parser.add_argument("--engine-delay-ms", type=float, default=0.0)
+    parser.add_argument("--engine-words", type=int, default=0)
     parser.add_argument("--engine", choices=["http", "inprocess"], default="http")
     parser.add_argument("--litellm", help="the LiteLLM proxy command (default: .tools/litellm, then PATH)")
     parser.add_argument("--no-litellm", action="store_true")
@@ -390,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             args.redis_url,
             args.engine_url,
             args.engine_delay_ms,
+            args.engine_words,
         )
         return
     result = run_gateway_bench(

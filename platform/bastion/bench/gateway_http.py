@@ -23,9 +23,12 @@ LITELLM_KEY = "sk-bench-litellm-master"  # a throwaway master key for the bench'
 _PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
-def engine_app(model: str, delay_s: float = 0.0) -> FastAPI:
-    """The scripted engine behind vLLM's URL layout: chat, completions, and /tokenize for prompt counting."""
+def engine_app(model: str, delay_s: float = 0.0, words: int = 0) -> FastAPI:
+    """The scripted engine behind vLLM's URL layout: chat, completions, and /tokenize for prompt counting.
+    `words`: answer length in tokens (0: the scripted engine's five-word sentence)."""
     engine = ScriptedEngine(upstreams_for([model], ongoing=10_000), record_bodies=False, delay_s=delay_s)
+    if words:
+        engine.words = [f"w{i}" for i in range(words)]  # as the Serve deployment (bench/scripted.py) answers
     upstream = engine.upstreams()[0].name
     app = FastAPI()
 

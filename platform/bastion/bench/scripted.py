@@ -19,6 +19,7 @@ from typing import Any
 from ray import serve
 
 from bastion.bench.doubles import ScriptedEngine, count_words
+from bastion.engine.replica import coalesce
 from bastion.gateway.engine_client import UpstreamInfo, replica_notice
 from bastion.serve.options import GRACEFUL_SHUTDOWN_S, HEALTH_CHECK_PERIOD_S, deployment_name, request_router_config
 
@@ -58,13 +59,17 @@ class ScriptedEngineDeployment:
         self.in_flight += 1
         try:
             yield replica_notice(self.replica_id)
-            async for chunk in self.engine.stream(_UPSTREAM, endpoint, body):  # type: ignore[arg-type]
-                if chunk.startswith("data: {"):
-                    chunk = f"data: {json.dumps(self._tag(json.loads(chunk[6:])))}\n\n"
-                yield chunk
+            async for batch in coalesce(self._tagged(endpoint, body)):  # as EngineReplica streams
+                yield batch
         finally:
             self.in_flight -= 1
             self.served += 1
+
+    async def _tagged(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        async for chunk in self.engine.stream(_UPSTREAM, endpoint, body):  # type: ignore[arg-type]
+            if chunk.startswith("data: {"):
+                chunk = f"data: {json.dumps(self._tag(json.loads(chunk[6:])))}\n\n"
+            yield chunk
 
     async def count_prompt_tokens(self, endpoint: str, body: dict[str, Any]) -> int:
         return count_words(body)
@@ -80,6 +85,11 @@ class ScriptedEngineDeployment:
         deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S - 5
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+
+def scripted_prompt_count(endpoint: str, body: dict[str, Any]) -> int:
+    """The scripted engine's count as a gateway-side prompt counter (serve/prompt_count.py's signature)."""
+    return count_words(body)
 
 
 def scripted_engine_options(replicas: int, max_ongoing_requests: int) -> dict[str, Any]:
@@ -116,6 +126,7 @@ def scripted_gateway_app(
         "profile": PROFILE,
         "max_context": MAX_CONTEXT,
         "max_ongoing_requests": max_ongoing_requests,
+        "prompt_counter": scripted_prompt_count,  # the gateway counts as this engine does, without a handle call
     }
     gateway = GatewayIngress.options(ray_actor_options={"num_cpus": 0})
     return gateway.bind(config_path, [(info, engine)])

@@ -26,6 +26,9 @@ from bastion.records import SpeculationStats
 log = logging.getLogger(__name__)
 Endpoint = Literal["chat", "completion"]
 _DONE = object()
+# Stream messages sooner than this after the previous one wait for those that follow (at most this long): fewer,
+# larger messages across each hop. The first token never waits (`coalesce`).
+STREAM_COALESCE_S = 0.02
 
 
 def error_body(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
@@ -282,7 +285,7 @@ class EngineReplica:
             if not hasattr(result, "__aiter__"):
                 yield f"data: {_json(result.model_dump(mode='json', exclude_none=True))}\n\n"
                 return
-            async for batch in _coalesce(result):
+            async for batch in coalesce(result):
                 yield batch
             if self.guard is not None:
                 self.guard.note_request(body, None)
@@ -378,8 +381,12 @@ def _json(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-async def _coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Yield everything the source produced since the last yield, as one string."""
+async def coalesce(source: AsyncIterator[str], window_s: float = STREAM_COALESCE_S) -> AsyncIterator[str]:
+    """Yield what the source produced since the last yield, as one string: each message through a Ray handle (and
+    again from the gateway to the client's connection) has a fixed cost. The first message goes at once; a later
+    one that comes sooner than `window_s` after the previous send waits at most the rest of the window for those
+    that follow (the end of the stream or an error ends the wait). Messages spaced wider than the window, as a
+    CPU engine's tokens are, go at once."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def pump() -> None:
@@ -391,13 +398,23 @@ async def _coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
         finally:
             queue.put_nowait(_DONE)
 
+    def final(item: Any) -> bool:
+        return item is _DONE or isinstance(item, Exception)
+
     task = asyncio.create_task(pump())
+    last_sent: float | None = None
     try:
         while True:
             items = [await queue.get()]
+            wait = last_sent + window_s - time.monotonic() if last_sent is not None and window_s > 0 else 0.0
+            if wait > 0 and not final(items[-1]):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        while not final(items[-1]):
+                            items.append(await queue.get())
             while not queue.empty():
                 items.append(queue.get_nowait())
-            done = items[-1] is _DONE
+            done = any(i is _DONE for i in items)
             errors = [i for i in items if isinstance(i, Exception)]
             text = "".join(i for i in items if isinstance(i, str))
             if errors:
@@ -405,6 +422,7 @@ async def _coalesce(source: AsyncIterator[str]) -> AsyncIterator[str]:
                 text += f"data: {_json(error_body(500, 'the engine failed mid-stream', 'engine_error'))}\n\n"
             if text:
                 yield text
+                last_sent = time.monotonic()
             if done or errors:
                 return
     finally:

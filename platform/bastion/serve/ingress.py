@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from ray import serve
@@ -15,6 +16,7 @@ from bastion.gateway.engine_client import UpstreamInfo
 from bastion.gateway.external import ExternalEngineClient
 from bastion.serve.gateway_app import create_gateway_app
 from bastion.serve.guard_watch import GuardWatch
+from bastion.serve.prompt_count import prompt_counters
 from bastion.serve.ray_engine_client import RayEngineClient
 from bastion.telemetry.logging import configure_logging
 
@@ -27,7 +29,11 @@ class GatewayIngress:
     async def __init__(self, config_path: str, upstreams: list[tuple[dict[str, Any], DeploymentHandle]]) -> None:
         configure_logging("INFO")
         self.config = load_config(config_path)
-        self.client = RayEngineClient([(UpstreamInfo(**info), handle) for info, handle in upstreams])
+        known = {f.name for f in fields(UpstreamInfo)}
+        self.client = RayEngineClient(
+            [(UpstreamInfo(**{k: v for k, v in info.items() if k in known}), handle) for info, handle in upstreams],
+            prompt_counters(self.config, [info for info, _ in upstreams]),
+        )
         # External replicas (platform file `external_replicas`): routed alongside the Ray deployments.
         self.external = ExternalEngineClient(list(self.config.external_replicas))
         if self.config.external_replicas:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -34,8 +34,17 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, RayTaskError) and isinstance(exc.cause, ReplicaDraining)
 
 
+# A local prompt counter (serve/prompt_count.py): the count, or None when the engine must count.
+PromptCounter = Callable[[Endpoint, dict[str, Any]], "int | None"]
+
+
 class RayEngineClient:
-    def __init__(self, upstreams: list[tuple[UpstreamInfo, DeploymentHandle]]) -> None:
+    def __init__(
+        self,
+        upstreams: list[tuple[UpstreamInfo, DeploymentHandle]],
+        counters: dict[str, PromptCounter] | None = None,
+    ) -> None:
+        self._counters = counters or {}  # per deployment: counts in this process, saving a handle call
         self._infos = [info for info, _ in upstreams]
         self._handles = {info.name: handle for info, handle in upstreams}
         self._streaming = {name: h.options(stream=True) for name, h in self._handles.items()}
@@ -53,6 +62,14 @@ class RayEngineClient:
         return handle.options(session_id=session_id) if session_id else handle
 
     async def count_prompt_tokens(self, upstream: str, endpoint: Endpoint, body: dict[str, Any]) -> int:
+        counter = self._counters.get(upstream)
+        if counter is not None and upstream in self._handles:
+            try:
+                counted = counter(endpoint, body)
+            except Exception:  # the engine's own count says what is wrong
+                counted = None
+            if counted is not None:
+                return counted
         try:
             return await self._handle(upstream).count_prompt_tokens.remote(endpoint, body)
         except Exception as exc:
