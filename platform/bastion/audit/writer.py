@@ -1,9 +1,10 @@
 """The durable writer: `enqueue` only appends to a deque; one task seals, batches, inserts, spools and checkpoints.
 
 Durability order: a sealed row is in the database, or fsync'd in the spool, or held in memory and retried.
-While the spool holds anything, new rows go to the spool too, so replay keeps each chain in order. Replay
-inserts with ON CONFLICT DO NOTHING on (chain_id, sequence): a batch whose commit succeeded but whose
-acknowledgement was lost is not written twice.
+While the spool holds anything, new rows go to the spool too, so replay keeps each chain in order. A row
+already stored identically (a batch whose commit succeeded but whose acknowledgement was lost) is skipped; a
+*different* event at an existing (chain, sequence) is a conflict: never dropped, kept fsync'd in
+`<spool>/conflicts/<writer id>.jsonl`, counted (`conflicts`, a metric) and logged as an error naming it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class AuditWriter:
         self._checkpoint_waiters: list[asyncio.Future[None]] = []
         self._enqueued = self._durable = 0
         self.dropped = 0  # events that could not be serialized (a bug, logged without content)
+        self.conflicts = 0  # sealed events whose (chain, sequence) already held another event: an alarm
+        self.conflicted: list[dict[str, Any]] = []  # those rows, when there is no spool folder to keep them in
+        self._conflict_spool: Spool | None = None
         self._db_ok = True
         self._next_retry = 0.0
         self._last_checkpoint = time.monotonic()
@@ -186,6 +190,8 @@ class AuditWriter:
             log.error("audit: %d events could not be made durable (no spool configured)", self.queue_depth)
         for spool in [*self._orphans, *([self._spool] if self._spool else [])]:
             spool.close()
+        if self._conflict_spool is not None:
+            self._conflict_spool.close(remove_if_empty=False)
         if self._owns_engine:
             await self.engine.dispose()
 
@@ -228,7 +234,7 @@ class AuditWriter:
         inflight: asyncio.Future[bool] | None = None
         if self._pending and not self._backlog() and self._db_due():
             batch, self._pending = self._pending, []
-            inflight = asyncio.ensure_future(self._db(insert_events, batch))
+            inflight = asyncio.ensure_future(self._insert(batch))
         await self._seal_more()
         if inflight is not None:
             if await inflight:
@@ -293,6 +299,41 @@ class AuditWriter:
         self._db_ok = True
         return True
 
+    async def _insert(self, rows: list[dict[str, Any]]) -> bool:
+        """Insert a batch; conflicting rows (another event at their chain and sequence) go to quarantine."""
+        conflicts: list[dict[str, Any]] = []
+
+        async def run(conn: Any, batch: list[dict[str, Any]]) -> None:
+            conflicts[:] = await insert_events(conn, batch)
+
+        if not await self._db(run, rows):
+            return False
+        if conflicts:
+            self._quarantine(conflicts)
+        return True
+
+    def _quarantine(self, rows: list[dict[str, Any]]) -> None:
+        """Keep events the database would not take at their position: fsync'd for the operator, never dropped."""
+        self.conflicts += len(rows)
+        where = "in memory only (no spool folder)"
+        try:
+            if self._spool_dir is None:
+                raise AuditError("no spool folder")
+            if self._conflict_spool is None:
+                self._conflict_spool = Spool(self._spool_dir / "conflicts" / f"{self.writer_id}.jsonl")
+            self._conflict_spool.append(rows)
+            where = str(self._conflict_spool.path)
+        except AuditError:
+            self.conflicted.extend(rows)
+        for row in rows:
+            log.error(
+                "audit conflict: chain %s sequence %d already holds a different event; ours (hash %s) kept %s",
+                row["chain_id"],
+                row["sequence"],
+                row["hash"],
+                where,
+            )
+
     def _to_spool(self) -> None:
         """Pending rows to the fsync'd spool; without a spool (or if it fails) they stay pending, in memory."""
         if self._spool is None:
@@ -310,7 +351,7 @@ class AuditWriter:
         for spool in [*self._orphans, *([self._spool] if self._spool else [])]:
             while spool.pending:
                 rows, end = spool.read(self.batch_size)
-                if rows and not await self._db(insert_events, rows):
+                if rows and not await self._insert(rows):
                     return
                 spool.advance(end)
                 if not rows:
