@@ -4,8 +4,8 @@ two writers at once, content encryption, and the health signal strict tenants de
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
