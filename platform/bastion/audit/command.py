@@ -12,6 +12,7 @@ from rich.console import Console
 from bastion.commandline import ConfigOption, out
 from bastion.config import load_config
 
+err = Console(stderr=True)
 audit_app = typer.Typer(help="Tamper-evident audit log: keys, verification, exports, retention.", no_args_is_help=True)
 
 
@@ -47,7 +48,10 @@ def audit_verify(
             raise AuditError(f"export does not verify: {checked.first_problem}")
         out.print(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
         return
-    report = asyncio.run(service.verify(load_config(config), public_key))
+    notes: list[str] = []
+    report = asyncio.run(service.verify(load_config(config), public_key, notes=notes))
+    for note in notes:
+        err.print(f"note: {note}")
     if not report.ok:
         raise AuditError(f"audit log does not verify: {report.first_problem}")
     out.print(f"ok: {len(report.chains)} chains, {report.events} events")
@@ -69,6 +73,7 @@ def audit_export(
 
     from bastion.audit import service
 
+    notes: list[str] = []
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task("exporting", total=None)
         result = asyncio.run(
@@ -81,8 +86,11 @@ def audit_export(
                 end=service.parse_when(end, "--to"),
                 on_total=lambda n: progress.update(task, total=n),
                 on_progress=lambda n: progress.advance(task, n),
+                notes=notes,
             )
         )
+    for note in notes:
+        err.print(f"note: {note}")
     out.print(f"{result.rows} events exported to {out_dir} (manifest sha256 {result.manifest_sha256})")
 
 

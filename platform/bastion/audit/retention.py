@@ -1,9 +1,10 @@
 """Retention: per tenant, in whole days, deleting only chain prefixes that a signed checkpoint covers.
 
 For each of the tenant's chains, the newest signed checkpoint whose events are all older than the cutoff
-becomes the chain's anchor; the rows up to it are deleted in the same transaction (on PostgreSQL under
-`SET LOCAL bastion.retention = 'on'`, the one thing the append-only trigger lets through), and the deletion is
-audited as a `retention` event. Verification then starts at the anchor, so the chain still verifies. A chain
+becomes the chain's anchor; the rows up to it are deleted in the same transaction (on PostgreSQL by
+`bastion_audit_prune(checkpoint id)`, the one path the append-only trigger lets through, which only the
+`bastion_retention` role may execute: migration 0006), and the deletion is audited as a `retention` event.
+Verification then starts at the anchor, so the chain still verifies. A chain
 that fails verification up to that checkpoint is left alone: retention never deletes evidence of tampering.
 """
 
@@ -109,7 +110,9 @@ async def _chain(
         raise AuditError(f"retention refused: {checked.problem}")
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            await conn.execute(text("SET LOCAL bastion.retention = 'on'"))
+            prune = text("SELECT bastion_audit_prune(:checkpoint)")
+            deleted = int((await conn.execute(prune, {"checkpoint": cp.id})).scalar_one())
+            return RetentionResult(tenant_id, chain_id, cp.sequence, deleted, cp.hash, days, cutoff)
         gone = await conn.execute(delete(EVENTS).where(EVENTS.c.chain_id == chain_id, EVENTS.c.sequence <= cp.sequence))
         deleted = int(gone.rowcount or 0)
         values = {"sequence": cp.sequence, "hash": cp.hash, "checkpoint_id": cp.id, "updated_at": utcnow()}

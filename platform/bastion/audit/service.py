@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -61,14 +61,31 @@ def build_writer(config: PlatformConfig, engine: AsyncEngine | None = None, **op
     )
 
 
-async def record(config: PlatformConfig, events: Iterable[Any], engine: AsyncEngine | None = None) -> None:
-    """Write a few events durably from a short-lived process (the CLI's export, verify and retention)."""
+async def may_write(engine: AsyncEngine) -> bool:
+    """Whether the connected role may insert audit events (a select-only auditor may not; SQLite has no roles)."""
+    if engine.dialect.name != "postgresql":
+        return True
+    async with engine.connect() as conn:
+        return bool((await conn.execute(text("SELECT has_table_privilege('audit_events', 'INSERT')"))).scalar())
+
+
+async def record(config: PlatformConfig, events: Iterable[Any], engine: AsyncEngine | None = None) -> bool:
+    """Write a few events durably from a short-lived process (the CLI's export, verify and retention).
+
+    False, and nothing written anywhere (no spool, no waiting for a database that will refuse), when the
+    connected role may not write the audit log: a read-only auditor's own verification goes unrecorded."""
+    if engine is not None and not await may_write(engine):
+        return False
     writer = await build_writer(config, engine).start()
     try:
         for event in events:
             writer.enqueue(event)
     finally:
         await writer.close()
+    return True
+
+
+UNRECORDED = "not recorded in the audit log: the database role may not write it (a select-only auditor)"
 
 
 @contextlib.asynccontextmanager
@@ -91,8 +108,11 @@ def cli_actor() -> str:
     return f"cli:{getpass.getuser()}"[:128]
 
 
-async def verify(config: PlatformConfig, public_key: Path | None = None, actor: str | None = None) -> VerifyReport:
-    """Verify every chain and checkpoint, and audit the verification itself."""
+async def verify(
+    config: PlatformConfig, public_key: Path | None = None, actor: str | None = None, notes: list[str] | None = None
+) -> VerifyReport:
+    """Verify every chain and checkpoint, and audit the verification itself when the role may write (else a
+    line in `notes`): works with the select-only `bastion_auditor` role."""
     verifier = load_verifier(config, public_key)
     async with _database(config) as engine:
         report = await verify_database(engine, verifier)
@@ -105,7 +125,8 @@ async def verify(config: PlatformConfig, public_key: Path | None = None, actor: 
             events=report.events,
             first_error=str(first) if first else None,
         )
-        await record(config, [event], engine)
+        if not await record(config, [event], engine) and notes is not None:
+            notes.append(f"this verification was {UNRECORDED}")
     return report
 
 
@@ -120,8 +141,9 @@ async def export(
     actor: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    notes: list[str] | None = None,
 ) -> ExportResult:
-    """Export, sign the manifest, and audit the export."""
+    """Export, sign the manifest, and audit the export (when the role may write, else a line in `notes`)."""
     signer = load_signer(config)
     async with _database(config) as engine:
         if on_total is not None:
@@ -138,7 +160,8 @@ async def export(
             rows=result.rows,
             manifest_sha256=result.manifest_sha256,
         )
-        await record(config, [event], engine)
+        if not await record(config, [event], engine) and notes is not None:
+            notes.append(f"this export was {UNRECORDED}")
     return result
 
 
