@@ -1,4 +1,5 @@
-"""audit: append-only by database roles (bastion_app, bastion_retention, bastion_auditor), not by a setting
+"""audit: append-only by database roles (bastion_app, bastion_retention, bastion_auditor), not by a setting;
+per-tenant content data keys (audit_content_keys) for erasure by crypto-shredding
 
 Revision ID: 0006
 Revises: 0003
@@ -23,7 +24,10 @@ PostgreSQL only (SQLite, the embedded evaluation setup, has no roles; the hash c
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
+
+import bastion.db.models
 
 revision: str = "0006"
 down_revision: str | None = "0003"
@@ -150,6 +154,18 @@ def _postgresql() -> bool:
 
 
 def upgrade() -> None:
+    op.create_table(
+        "audit_content_keys",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant_id", sa.String(length=32), nullable=False),
+        sa.Column("day", sa.String(length=10), nullable=False),
+        sa.Column("wrapped", sa.LargeBinary(), nullable=True),
+        sa.Column("created_at", bastion.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("erased_at", bastion.db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_content_keys")),
+    )
+    with op.batch_alter_table("audit_content_keys", schema=None) as batch_op:
+        batch_op.create_index("ix_audit_content_keys_tenant_day", ["tenant_id", "day"], unique=False)
     if not _postgresql():
         return
     op.execute(_CREATE_ROLES)
@@ -160,10 +176,15 @@ def upgrade() -> None:
     op.execute(_AUDIT_GRANTS)
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(_TENANCY)} TO bastion_app")
     op.execute("GRANT SELECT ON tenants TO bastion_retention")  # per-tenant retention days
+    # Erasure (crypto-shredding) empties a tenant's data keys: retention's job, never the app's.
+    op.execute("GRANT UPDATE (wrapped, erased_at) ON audit_content_keys TO bastion_retention")
     op.execute("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO bastion_app, bastion_retention")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("audit_content_keys", schema=None) as batch_op:
+        batch_op.drop_index("ix_audit_content_keys_tenant_day")
+    op.drop_table("audit_content_keys")
     if not _postgresql():
         return
     op.execute(_OLD_TRIGGER)

@@ -15,10 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.audit import AuditWriter, EventContent, InferenceEvent
 from bastion.audit.chain import row_hash
-from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit.crypto import ContentCipher
 from bastion.audit.export import MANIFEST, export_events
 from bastion.audit.exportcheck import verify_export
 from bastion.audit.formats import FORMATS, events_file, read_rows
+from bastion.audit.keyring import decrypt_row
 from bastion.audit.signing import Signer, Verifier, keygen
 from bastion.audit.store import CHECKPOINTS, EVENTS
 from bastion.audit.verify import DELETED, INSERTED, MODIFIED, REORDERED, verify_database
@@ -218,7 +219,7 @@ async def test_export_round_trips_and_one_changed_byte_fails(
     assert result.rows == len(exported) == len(expected) == 16
     assert exported == expected  # every column, including timestamps and ciphertext
     encrypted = [r for r in exported if r["content"]]
-    assert encrypted and decrypt_content(encrypted[0], cipher)["prompt"].startswith("prompt ")
+    assert encrypted and (await decrypt_row(engine, encrypted[0], cipher))["prompt"].startswith("prompt ")
 
     public = Verifier.from_file(keys["public"])
     report = verify_export(out, public)

@@ -17,7 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit import AdminEvent, AuditWriter, EventContent, InferenceEvent
-from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit.crypto import ContentCipher
+from bastion.audit.keyring import decrypt_row
 from bastion.audit.signing import Signer, keygen
 from bastion.audit.store import ANCHORS, CHECKPOINTS, EVENTS
 from bastion.audit.verify import verify_database
@@ -216,8 +217,8 @@ async def test_content_is_encrypted_and_nowhere_else(
         as_text = (await conn.execute(text("SELECT * FROM audit_events"))).all()
     assert SECRET not in repr(as_text) and SECRET.encode() not in b"".join(r["content"] or b"" for r in rows)
     assert SECRET not in caplog.text
-    assert decrypt_content(rows[0], cipher) == {"prompt": SECRET, "completion": f"re: {SECRET}"}
-    assert rows[1]["content"] is None and decrypt_content(rows[1], cipher) is None
+    assert await decrypt_row(engine, rows[0], cipher) == {"prompt": SECRET, "completion": f"re: {SECRET}"}
+    assert rows[1]["content"] is None and await decrypt_row(engine, rows[1], cipher) is None
     assert rows[2]["content"] is None and rows[2]["payload"]["content_dropped"]
     assert (await verify_database(engine, signer.verifier)).ok
 

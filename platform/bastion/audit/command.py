@@ -121,3 +121,27 @@ def audit_content(
 
     content = asyncio.run(service.read_content(load_config(config), chain, sequence))
     sys.stdout.write(json.dumps(content, ensure_ascii=False, indent=2) + "\n")
+
+
+@audit_app.command("erase")
+def audit_erase(
+    tenant: Annotated[str, typer.Option("--tenant", help="tenant name or id whose stored content is erased")],
+    before: Annotated[
+        str | None, typer.Option("--before", help="erase only content of UTC days before this date (YYYY-MM-DD)")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Erase a tenant's stored prompts and completions by destroying its data keys (crypto-shredding).
+
+    The content becomes unreadable for everyone; every chain and checkpoint still verifies (rows keep their
+    ciphertext). The erasure is itself an audited event. Run it as the table owner or a bastion_retention member.
+    """
+    import asyncio
+
+    from bastion.audit import service
+
+    when = service.parse_when(before, "--before")
+    day = when.date() if when is not None else None
+    destroyed = asyncio.run(service.erase(load_config(config), tenant, day))
+    scope = f"before {day.isoformat()}" if day else "all days"
+    out.print(f"erased: {destroyed} data keys of tenant {tenant} ({scope}); that content is unreadable now")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,19 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit import keyring
+from bastion.audit.crypto import ContentCipher
 from bastion.audit.errors import AuditError, AuditKeyError
 from bastion.audit.events import AdminEvent, ExportEvent, VerifyEvent
 from bastion.audit.export import ExportResult, count_rows, export_events
+from bastion.audit.keyring import decrypt_row
 from bastion.audit.retention import RetentionResult, apply_retention, tenant_policies
 from bastion.audit.signing import Signer, Verifier
 from bastion.audit.store import EVENTS
 from bastion.audit.verify import VerifyReport, verify_database
 from bastion.audit.writer import AuditWriter
 from bastion.config import PlatformConfig
+from bastion.db.models import Tenant
 from bastion.db.session import create_engine
 
 
@@ -205,4 +208,29 @@ async def read_content(config: PlatformConfig, chain_id: str, sequence: int, act
             target_id=f"{chain_id}#{sequence}",
         )
         await record(config, [event], engine)
-    return decrypt_content(dict(row), cipher)
+        return await decrypt_row(engine, dict(row), cipher)
+
+
+async def erase(config: PlatformConfig, tenant: str, before: date | None = None, actor: str | None = None) -> int:
+    """Crypto-shred a tenant's stored content (all of it, or the days before `before`); audited. Every chain
+    still verifies: rows hold ciphertext, and only the tenant's data keys are destroyed."""
+    async with _database(config) as engine:
+        async with engine.connect() as conn:
+            query = select(Tenant.id).where((Tenant.id == tenant) | (Tenant.name == tenant))
+            tenant_id = (await conn.execute(query)).scalar_one_or_none()
+        if tenant_id is None:
+            raise AuditError(f"no tenant {tenant!r}")
+        if not await may_write(engine):
+            raise AuditError("erase refused: an erasure must be audited, and this role may not write the log")
+        destroyed = await keyring.erase(engine, tenant_id, before)
+        event = AdminEvent(
+            tenant_id=tenant_id,
+            actor=actor or cli_actor(),
+            action="audit.content.erase",
+            target_type="tenant",
+            target_id=tenant_id,
+            after={"before": before.isoformat() if before else None, "data_keys_destroyed": destroyed},
+        )
+        if not await record(config, [event], engine):
+            raise AuditError(f"erased {destroyed} data keys, but the erasure could not be audited: {UNRECORDED}")
+    return destroyed

@@ -19,9 +19,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit.chain import ChainHead, chain_id_for, new_writer_id
-from bastion.audit.crypto import ContentCipher
+from bastion.audit.crypto import ContentCipher, encrypt_with
 from bastion.audit.errors import AuditError
 from bastion.audit.events import Event, EventBase
+from bastion.audit.keyring import TenantKeys
 from bastion.audit.signing import Signer, checkpoint_row
 from bastion.audit.spool import Spool, adopt_orphans
 from bastion.audit.store import insert_checkpoints, insert_events, writer_engine
@@ -52,6 +53,8 @@ class AuditWriter:
         self.engine = writer_engine(engine) if isinstance(engine, str) else engine
         self.writer_id = writer_id or new_writer_id()
         self.signer, self.cipher = signer, cipher
+        # Content is encrypted with each tenant's data key, wrapped by the master key `cipher` (keyring.py).
+        self.keyring = TenantKeys(self.engine, cipher) if cipher is not None else None
         self.batch_size, self.max_queue = batch_size, max_queue
         self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
         self.retry_interval_s, self.db_timeout_s = retry_interval_s, db_timeout_s
@@ -258,7 +261,9 @@ class AuditWriter:
             for _ in range(min(_SEAL_CHUNK, len(self._queue), self.batch_size - len(self._pending))):
                 event = self._queue.popleft()
                 try:
-                    self._pending.append(self._seal(event))
+                    content = event.event_content
+                    key = await self._data_key(event) if content is not None else None
+                    self._pending.append(self._seal(event, content, key))
                 except Exception as exc:  # an event that cannot be serialized: drop it, never the chain
                     self.dropped += 1
                     self._durable += 1
@@ -268,17 +273,26 @@ class AuditWriter:
     def _db_due(self) -> bool:
         return self._db_ok or time.monotonic() >= self._next_retry
 
-    def _seal(self, event: Any) -> dict[str, Any]:
+    async def _data_key(self, event: Any) -> tuple[str, bytes] | None:
+        if self.keyring is None or event.tenant_id is None:
+            return None
+        return self.keyring.cached(event.tenant_id, event.occurred_at) or await self.keyring.current(
+            event.tenant_id, event.occurred_at
+        )
+
+    def _seal(self, event: Any, content: Any = None, key: tuple[str, bytes] | None = None) -> dict[str, Any]:
         row = event.record()
         chain_id = chain_id_for(self.writer_id, row["tenant_id"])
         head = self._heads.get(chain_id) or self._heads.setdefault(chain_id, ChainHead(chain_id))
-        content = event.event_content
         row["content"] = None
         if content is not None:
-            if self.cipher is not None:
-                row["content"] = self.cipher.encrypt(content.model_dump(mode="json"), chain_id, head.sequence + 1)
-            else:
+            if key is not None:
+                plain = content.model_dump(mode="json")
+                row["content"] = encrypt_with(key[1], key[0], plain, chain_id, head.sequence + 1)
+            elif self.cipher is None:
                 row["payload"]["content_dropped"] = "no content key configured"
+            else:
+                row["payload"]["content_dropped"] = "tenant data key unavailable"
         return head.seal(row)
 
     def _backlog(self) -> bool:
