@@ -58,6 +58,7 @@ class TenantCreate(Body):
     allowed_profiles: list[str] = Field(default_factory=list)
     default_profile: str | None = None
     limits: LimitsConfig | None = None
+    log_content: bool = Field(default=False, description="store prompts and completions, encrypted, in the audit log")
 
 
 class TenantUpdate(Body):
@@ -65,6 +66,7 @@ class TenantUpdate(Body):
     allowed_profiles: list[str] | None = None
     default_profile: str | None = None
     clear_default_profile: bool = False
+    log_content: bool | None = Field(default=None, description="store prompts and completions (encrypted) or stop")
 
 
 class KeyCreate(Body):

@@ -50,6 +50,7 @@ class Principal:
     default_profile: str | None
     tenant_limits: LimitsConfig
     key_limits: LimitsConfig | None
+    log_content: bool = False  # the tenant opted in to encrypted prompt and completion logging
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -209,6 +210,7 @@ class Authenticator:
             default_profile=tenant.default_profile or self._defaults.default_profile,
             tenant_limits=tenant_limits,
             key_limits=limits_of(by_key.get(key.id)),
+            log_content=bool(tenant.log_content),
         )
         return _Entry(key.secret_hash, _ts(key.expires_at), _ts(key.revoked_at), principal)
 

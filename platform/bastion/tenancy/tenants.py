@@ -40,6 +40,7 @@ class TenantService:
         allowed_profiles: Sequence[str] = (),
         default_profile: str | None = None,
         limits: LimitsConfig | None = None,
+        log_content: bool = False,
     ) -> TenantInfo:
         if not name or len(name) > 64:
             raise TenancyError("a tenant name has 1 to 64 characters")
@@ -55,6 +56,7 @@ class TenantService:
                 allowed_models=list(allowed_models),
                 allowed_profiles=list(allowed_profiles),
                 default_profile=default_profile,
+                log_content=log_content,
             )
             session.add(row)
             await session.flush()
@@ -71,6 +73,7 @@ class TenantService:
         allowed_profiles: Sequence[str] | None = None,
         default_profile: str | None = None,
         clear_default_profile: bool = False,
+        log_content: bool | None = None,
     ) -> TenantInfo:
         async with self._sessions() as session:
             row = await find_tenant(session, ref)
@@ -80,6 +83,8 @@ class TenantService:
                 row.allowed_profiles = list(allowed_profiles)
             if default_profile is not None or clear_default_profile:
                 row.default_profile = default_profile
+            if log_content is not None:
+                row.log_content = log_content
             await session.commit()
             return TenantInfo.of(row)
 

@@ -18,6 +18,7 @@ class TenantInfo:
     allowed_profiles: tuple[str, ...]
     default_profile: str | None
     created_at: datetime
+    log_content: bool = False  # prompts and completions stored, encrypted, in the audit log (docs/audit.md)
 
     @classmethod
     def of(cls, row: Tenant) -> TenantInfo:
@@ -29,6 +30,7 @@ class TenantInfo:
             allowed_profiles=tuple(row.allowed_profiles or ()),
             default_profile=row.default_profile,
             created_at=row.created_at,
+            log_content=bool(row.log_content),
         )
 
 
