@@ -160,6 +160,7 @@ async def test_the_app_role_cannot_change_or_remove_anything_whatever_it_sets(
         "UPDATE audit_checkpoints SET hash = 'x'": "permission denied for table audit_checkpoints",
         "INSERT INTO audit_anchors VALUES ('c', 1, 'h', 1, 0, now())": "permission denied for table audit_anchors",
         f"SELECT bastion_audit_prune({cp_id})": "permission denied for function bastion_audit_prune",
+        "UPDATE audit_content_keys SET wrapped = NULL": "permission denied for table audit_content_keys",  # erase
         "ALTER TABLE audit_events DISABLE TRIGGER ALL": "must be owner of table audit_events",
         "DROP TRIGGER audit_events_append_only ON audit_events": "must be owner of relation audit_events",
     }
@@ -318,3 +319,28 @@ async def _count_as(url: str) -> int:
             return int((await conn.execute(select(func.count()).select_from(EVENTS))).scalar_one())
     finally:
         await engine.dispose()
+
+
+async def test_only_retention_erases_content_keys(
+    owner: AsyncEngine, logins: dict[str, str], signer: Signer, tmp_path: Path
+) -> None:
+    from bastion.audit import EventContent
+    from bastion.audit.crypto import ContentCipher
+    from bastion.audit.keyring import erase
+
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    cipher = ContentCipher.from_file(keygen(tmp_path / "content")["content"])
+    writer = await AuditWriter(logins["app"], signer=signer, cipher=cipher).start()  # the app creates the key
+    writer.enqueue(
+        InferenceEvent(tenant_id=tenant, model="m", profile="p", status=200, content=EventContent(prompt="x"))
+    )
+    await writer.close()
+    app, retention = create_engine(logins["app"]), create_engine(logins["retention"])
+    try:
+        with pytest.raises(DBAPIError, match="permission denied for table audit_content_keys"):
+            await erase(app, tenant)
+        assert await erase(retention, tenant) == 1
+    finally:
+        await app.dispose()
+        await retention.dispose()
+    assert (await verify_database(owner, signer.verifier)).ok
