@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,6 +14,41 @@ from bastion.config import load_config
 
 err = Console(stderr=True)
 audit_app = typer.Typer(help="Tamper-evident audit log: keys, verification, exports, retention.", no_args_is_help=True)
+
+
+_OPERATOR: dict[str, Path | None] = {"key": None}
+OperatorKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--operator-key",
+        help="your Ed25519 private key (PEM), whose public key audit.operators pins to your name; "
+        "default ~/.config/bastion/operator.pem",
+    ),
+]
+
+
+@audit_app.callback()
+def audit_main(operator_key: OperatorKeyOption = None) -> None:
+    """Actions are recorded as the operator the key proves (`bastion audit --operator-key FILE verify ...`)."""
+    _OPERATOR["key"] = operator_key
+
+
+def _actor(platform: Any) -> str:
+    from bastion.audit import service
+
+    return service.operator(platform, _OPERATOR["key"])
+
+
+@audit_app.command("operator-keygen")
+def audit_operator_keygen(
+    private: Annotated[Path, typer.Option("--out", help="private key file to write (the public key: FILE.pub)")],
+) -> None:
+    """Create an operator's Ed25519 key pair: keep the private key, pin the public one in audit.operators."""
+    from bastion.audit.signing import write_key_pair
+
+    public = private.with_name(private.name + ".pub")
+    key = write_key_pair(private, public)
+    out.print(f"operator key {key}: private {private} (mode 0600), public {public}")
 
 
 @audit_app.command("keygen")
@@ -49,7 +84,8 @@ def audit_verify(
         out.print(f"ok: {checked.rows} events, {checked.checkpoints} signed checkpoints")
         return
     notes: list[str] = []
-    report = asyncio.run(service.verify(load_config(config), public_key, notes=notes))
+    platform = load_config(config)
+    report = asyncio.run(service.verify(platform, public_key, actor=_actor(platform), notes=notes))
     for note in notes:
         err.print(f"note: {note}")
     if not report.ok:
@@ -76,9 +112,10 @@ def audit_export(
     notes: list[str] = []
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task("exporting", total=None)
+        platform = load_config(config)
         result = asyncio.run(
             service.export(
-                load_config(config),
+                platform,
                 fmt,
                 out_dir,
                 tenant=tenant,
@@ -87,6 +124,7 @@ def audit_export(
                 on_total=lambda n: progress.update(task, total=n),
                 on_progress=lambda n: progress.advance(task, n),
                 notes=notes,
+                actor=_actor(platform),
             )
         )
     for note in notes:
@@ -101,7 +139,8 @@ def audit_retention(config: ConfigOption = None) -> None:
 
     from bastion.audit import service
 
-    results = asyncio.run(service.retention(load_config(config)))
+    platform = load_config(config)
+    results = asyncio.run(service.retention(platform, actor=_actor(platform)))
     for r in results:
         out.print(f"{r.chain_id}: deleted {r.deleted} events up to sequence {r.up_to_sequence}")
     out.print(f"retention: {sum(r.deleted for r in results)} events deleted")
@@ -119,7 +158,8 @@ def audit_content(
 
     from bastion.audit import service
 
-    content = asyncio.run(service.read_content(load_config(config), chain, sequence))
+    platform = load_config(config)
+    content = asyncio.run(service.read_content(platform, chain, sequence, actor=_actor(platform)))
     sys.stdout.write(json.dumps(content, ensure_ascii=False, indent=2) + "\n")
 
 
@@ -142,6 +182,7 @@ def audit_erase(
 
     when = service.parse_when(before, "--before")
     day = when.date() if when is not None else None
-    destroyed = asyncio.run(service.erase(load_config(config), tenant, day))
+    platform = load_config(config)
+    destroyed = asyncio.run(service.erase(platform, tenant, day, actor=_actor(platform)))
     scope = f"before {day.isoformat()}" if day else "all days"
     out.print(f"erased: {destroyed} data keys of tenant {tenant} ({scope}); that content is unreadable now")

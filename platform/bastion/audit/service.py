@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import getpass
+import os
+import pwd
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -107,8 +108,39 @@ async def _database(config: PlatformConfig) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+DEFAULT_OPERATOR_KEY = Path("~/.config/bastion/operator.pem")
+
+
+def operator(config: PlatformConfig, key_file: Path | None = None) -> str:
+    """Who runs this CLI action, proven: the operator whose public key is pinned in `audit.operators` and whose
+    private key (`--operator-key`, else ~/.config/bastion/operator.pem) signs a fresh challenge here. Recorded
+    as `operator:<name>#<key id>`. With no operators pinned and no key, the OS account (from the process's uid,
+    not an environment variable) is recorded as `cli-unverified:<account>`."""
+    path = key_file or DEFAULT_OPERATOR_KEY.expanduser()
+    pinned = config.audit.operators
+    if key_file is None and not path.exists():
+        if pinned:
+            raise AuditKeyError(
+                "this platform names its operators (audit.operators): prove who you are with --operator-key FILE"
+            )
+        return cli_actor()
+    signer = Signer.from_file(path)
+    challenge = os.urandom(32)
+    signature = signer.sign(challenge)
+    for name, public in sorted(pinned.items()):
+        verifier = Verifier.from_file(public)
+        if verifier.key_id == signer.key_id and verifier.verify(signature, challenge):
+            return f"operator:{name}#{signer.key_id}"[:128]
+    raise AuditKeyError(f"operator key {signer.key_id} is not pinned in audit.operators of the platform file")
+
+
 def cli_actor() -> str:
-    return f"cli:{getpass.getuser()}"[:128]
+    """The OS account of this process by its uid (unverified: anyone with that account can be it)."""
+    try:
+        account = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        account = f"uid {os.getuid()}"
+    return f"cli-unverified:{account}"[:128]
 
 
 async def verify(
@@ -116,12 +148,13 @@ async def verify(
 ) -> VerifyReport:
     """Verify every chain and checkpoint, and audit the verification itself when the role may write (else a
     line in `notes`): works with the select-only `bastion_auditor` role."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     verifier = load_verifier(config, public_key)
     async with _database(config) as engine:
         report = await verify_database(engine, verifier)
         first = report.first_problem
         event = VerifyEvent(
-            actor=actor or cli_actor(),
+            actor=actor,
             target="database",
             ok=report.ok,
             chains=len(report.chains),
@@ -147,6 +180,7 @@ async def export(
     notes: list[str] | None = None,
 ) -> ExportResult:
     """Export, sign the manifest, and audit the export (when the role may write, else a line in `notes`)."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     signer = load_signer(config)
     async with _database(config) as engine:
         if on_total is not None:
@@ -156,7 +190,7 @@ async def export(
         )
         event = ExportEvent(
             tenant_id=tenant,
-            actor=actor or cli_actor(),
+            actor=actor,
             format=fmt,
             time_from=start,
             time_to=end,
@@ -170,11 +204,12 @@ async def export(
 
 async def retention(config: PlatformConfig, actor: str | None = None) -> list[RetentionResult]:
     """Apply every tenant's retention (tenant setting, else audit.retention_days) and audit each deletion."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     verifier = load_signer(config).verifier
     async with _database(config) as engine:
         policies = await tenant_policies(engine, config.audit.retention_days)
         results = await apply_retention(engine, verifier, policies)
-        await record(config, [r.event(actor or cli_actor()) for r in results], engine)
+        await record(config, [r.event(actor) for r in results], engine)
     return results
 
 
@@ -191,6 +226,7 @@ def parse_when(text: str | None, option: str) -> datetime | None:
 
 async def read_content(config: PlatformConfig, chain_id: str, sequence: int, actor: str | None = None) -> Any:
     """Decrypt one event's content for an auditor; the reading is itself audited (who, which event)."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     cipher = load_cipher(config)
     if cipher is None:
         raise AuditKeyError("audit.content_key_file is not set")
@@ -202,7 +238,7 @@ async def read_content(config: PlatformConfig, chain_id: str, sequence: int, act
             raise AuditError(f"no audit event {chain_id}#{sequence}")
         event = AdminEvent(
             tenant_id=row["tenant_id"],
-            actor=actor or cli_actor(),
+            actor=actor,
             action="audit.content.read",
             target_type="audit_event",
             target_id=f"{chain_id}#{sequence}",
@@ -214,6 +250,7 @@ async def read_content(config: PlatformConfig, chain_id: str, sequence: int, act
 async def erase(config: PlatformConfig, tenant: str, before: date | None = None, actor: str | None = None) -> int:
     """Crypto-shred a tenant's stored content (all of it, or the days before `before`); audited. Every chain
     still verifies: rows hold ciphertext, and only the tenant's data keys are destroyed."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     async with _database(config) as engine:
         async with engine.connect() as conn:
             query = select(Tenant.id).where((Tenant.id == tenant) | (Tenant.name == tenant))
@@ -225,7 +262,7 @@ async def erase(config: PlatformConfig, tenant: str, before: date | None = None,
         destroyed = await keyring.erase(engine, tenant_id, before)
         event = AdminEvent(
             tenant_id=tenant_id,
-            actor=actor or cli_actor(),
+            actor=actor,
             action="audit.content.erase",
             target_type="tenant",
             target_id=tenant_id,

@@ -155,6 +155,11 @@ class AuditConfig(Strict):
     log_content: bool = False
     signing_key_file: Path | None = None
     content_key_file: Path | None = None
+    operators: dict[str, Path] = Field(
+        default_factory=dict,
+        description="operator name → Ed25519 public key (PEM): audit CLI actions are recorded as the operator "
+        "whose private key (--operator-key) matches; when set, an action without a pinned key is refused",
+    )
 
 
 class TelemetryConfig(Strict):
