@@ -330,3 +330,23 @@ async def test_the_same_row_twice_in_one_replay_is_written_once(engine: AsyncEng
     async with engine.begin() as conn:  # a lost acknowledgement: the spool holds rows 1-2 twice, then row 3
         assert await insert_events(conn, [rows[0], rows[1], rows[0], rows[1], rows[2]]) == []
     assert await _stats(engine) == (3, 3)
+
+
+async def test_content_during_an_outage_is_dropped_not_waited_for(
+    pg_url: str, signer: Signer, keys: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No data key without the database: the event is spooled at once with `content_dropped`, one lookup tried."""
+    unreachable = make_url(pg_url).set(port=1).render_as_string(hide_password=False)
+    spool = tmp_path / "spool"
+    cipher = ContentCipher.from_file(keys["content"])
+    writer = await AuditWriter(
+        unreachable, spool_dir=spool, signer=signer, cipher=cipher, retry_interval_s=0.05
+    ).start()
+    for i in range(20):
+        writer.enqueue(event(i, content=EventContent(prompt=SECRET)))
+    await writer.flush(timeout=10)
+    await writer.close(timeout=0.5)
+    rows = [json.loads(line) for line in (spool / f"{writer.writer_id}.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["content"] is None for r in rows)
+    assert {r["payload"]["content_dropped"] for r in rows} == {"tenant data key unavailable"}
+    assert caplog.text.count("no data key for tenant acme") == 1 and SECRET not in caplog.text

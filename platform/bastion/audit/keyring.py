@@ -49,9 +49,10 @@ def day_of(when: datetime) -> str:
 class TenantKeys:
     """The writer's keyring: today's data key per tenant, created on first use, cached for `ttl_s`."""
 
-    def __init__(self, engine: AsyncEngine, master: ContentCipher, ttl_s: float = 30.0) -> None:
-        self.engine, self.master, self.ttl_s = engine, master, ttl_s
+    def __init__(self, engine: AsyncEngine, master: ContentCipher, ttl_s: float = 30.0, retry_s: float = 5.0) -> None:
+        self.engine, self.master, self.ttl_s, self.retry_s = engine, master, ttl_s, retry_s
         self._cache: dict[tuple[str, str], tuple[str, bytes, float]] = {}
+        self._retry_at = 0.0  # after a failure, no new lookup before this: an outage must not stall the writer
 
     def cached(self, tenant_id: str, when: datetime) -> tuple[str, bytes] | None:
         hit = self._cache.get((tenant_id, day_of(when)))
@@ -63,7 +64,7 @@ class TenantKeys:
         """(key id, data key) for the tenant's content of that day; None when the database cannot say (the
         content is then dropped, the event itself still recorded)."""
         hit = self.cached(tenant_id, when)
-        if hit is not None:
+        if hit is not None or time.monotonic() < self._retry_at:
             return hit
         day = day_of(when)
         try:
@@ -86,6 +87,7 @@ class TenantKeys:
                     await conn.execute(KEYS.insert().values(id=key_id, tenant_id=tenant_id, day=day, wrapped=wrapped))
         except Exception as exc:
             log.warning("audit: no data key for tenant %s (%s); content not stored", tenant_id, type(exc).__name__)
+            self._retry_at = time.monotonic() + self.retry_s
             return None
         self._cache[(tenant_id, day)] = (key_id, key, time.monotonic())
         return key_id, key

@@ -276,9 +276,10 @@ class AuditWriter:
     async def _data_key(self, event: Any) -> tuple[str, bytes] | None:
         if self.keyring is None or event.tenant_id is None:
             return None
-        return self.keyring.cached(event.tenant_id, event.occurred_at) or await self.keyring.current(
-            event.tenant_id, event.occurred_at
-        )
+        cached = self.keyring.cached(event.tenant_id, event.occurred_at)
+        if cached is not None or not self._db_ok:  # database down: never wait on it here (content dropped)
+            return cached
+        return await self.keyring.current(event.tenant_id, event.occurred_at)
 
     def _seal(self, event: Any, content: Any = None, key: tuple[str, bytes] | None = None) -> dict[str, Any]:
         row = event.record()
