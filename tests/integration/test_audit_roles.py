@@ -283,7 +283,9 @@ def test_verify_and_export_as_a_select_only_auditor(pg_url: str, logins: dict[st
     config = tmp_path / "platform.yaml"
     platform = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {data}")
     platform = platform.replace('"sqlite+aiosqlite:///{data_dir}/bastion.db"', f'"{logins["auditor"]}"')
-    config.write_text(platform + f"\naudit:\n  signing_key_file: {keys['private']}\n")
+    config.write_text(
+        platform + f"\naudit:\n  signing_key_file: {keys['private']}\n  content_key_file: {keys['content']}\n"
+    )
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -308,6 +310,9 @@ def test_verify_and_export_as_a_select_only_auditor(pg_url: str, logins: dict[st
         "manifest.json",
         "manifest.sig",
     ]
+    chain = _chain_of(pg_url)
+    read = run("content", "--chain", chain, "--sequence", "1")  # reading content is never unaudited
+    assert read.returncode == 1 and "content not read: the reading must be audited" in " ".join(read.stderr.split())
     assert not data.exists()  # no spool folder, nothing else left behind
     assert asyncio.run(_count_as(pg_url)) == before == 3
 
@@ -344,3 +349,13 @@ async def test_only_retention_erases_content_keys(
         await app.dispose()
         await retention.dispose()
     assert (await verify_database(owner, signer.verifier)).ok
+
+
+def _chain_of(url: str) -> str:
+    conn = psycopg2.connect(_dsn(url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT chain_id FROM audit_events LIMIT 1")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()

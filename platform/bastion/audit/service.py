@@ -243,7 +243,8 @@ async def read_content(config: PlatformConfig, chain_id: str, sequence: int, act
             target_type="audit_event",
             target_id=f"{chain_id}#{sequence}",
         )
-        await record(config, [event], engine)
+        if not await record(config, [event], engine):  # content is never read unaudited
+            raise AuditError(f"content not read: the reading must be audited, and it would be {UNRECORDED}")
         return await decrypt_row(engine, dict(row), cipher)
 
 
