@@ -162,6 +162,40 @@ def test_erase_command_by_day_is_audited(tmp_path: Path, keys: dict[str, Path]) 
     assert json.loads(payload)["after"] == {"before": today.isoformat(), "data_keys_destroyed": 1}
     verified = bastion("audit", "verify")
     assert verified.returncode == 0, verified.stderr
+
+    # An export carries content only for the auditor it is sealed to.
+    made = subprocess.run(
+        [BASTION, "audit", "auditor-keygen", "--out", str(tmp_path / "auditor.pem")], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    export = tmp_path / "export"
+    exported = bastion("audit", "export", "--out", str(export), "--content-for", str(tmp_path / "auditor.pem.pub"))
+    assert exported.returncode == 0, exported.stderr
+    offline = subprocess.run(
+        [BASTION, "audit", "verify", "--export", str(export), "--public-key", str(keys["public"])],
+        capture_output=True,
+        text=True,
+    )
+    assert offline.returncode == 0, offline.stderr
+
+    def exported_content(sequence: int, key: Path) -> subprocess.CompletedProcess[str]:
+        args = ["--chain", chain, "--sequence", str(sequence), "--export", str(export), "--auditor-key", str(key)]
+        return subprocess.run(
+            [BASTION, "audit", "content", *args, "--public-key", str(keys["public"])], capture_output=True, text=True
+        )
+
+    kept = exported_content(2, tmp_path / "auditor.pem")
+    assert kept.returncode == 0 and json.loads(kept.stdout) == {"prompt": "today", "completion": "kept"}, kept.stderr
+    gone = exported_content(1, tmp_path / "auditor.pem")
+    assert gone.returncode == 1 and f"content of {chain}#1: erased before this export" in " ".join(gone.stderr.split())
+    subprocess.run([BASTION, "audit", "auditor-keygen", "--out", str(tmp_path / "other.pem")], check=True)
+    other = exported_content(2, tmp_path / "other.pem")
+    assert other.returncode == 1 and "content-keys.json is sealed for auditor key" in " ".join(other.stderr.split())
+    with sqlite3.connect(db_file) as conn:
+        (payload,) = conn.execute(
+            "SELECT payload FROM audit_events WHERE payload LIKE '%audit.content.export%'"
+        ).fetchone()
+    assert json.loads(payload)["after"] | {"recipient": "-"} == {"recipient": "-", "data_keys": 1, "erased_keys": 1}
     missing = bastion("audit", "erase", "--tenant", "nobody")
     assert missing.returncode == 1 and missing.stderr.strip().splitlines() == ["error: no tenant 'nobody'"]
 

@@ -100,6 +100,10 @@ def audit_export(
     tenant: Annotated[str | None, typer.Option("--tenant", help="tenant id (default: every tenant)")] = None,
     start: Annotated[str | None, typer.Option("--from", help="from this UTC date or ISO time (inclusive)")] = None,
     end: Annotated[str | None, typer.Option("--to", help="up to this UTC date or ISO time (exclusive)")] = None,
+    content_for: Annotated[
+        Path | None,
+        typer.Option("--content-for", help="auditor's X25519 public key: seal the content keys to them (audited)"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Export audit events with a signed manifest (verify it with `bastion audit verify --export`)."""
@@ -125,6 +129,7 @@ def audit_export(
                 on_progress=lambda n: progress.advance(task, n),
                 notes=notes,
                 actor=_actor(platform),
+                content_for=content_for,
             )
         )
     for note in notes:
@@ -146,17 +151,46 @@ def audit_retention(config: ConfigOption = None) -> None:
     out.print(f"retention: {sum(r.deleted for r in results)} events deleted")
 
 
+@audit_app.command("auditor-keygen")
+def audit_auditor_keygen(
+    private: Annotated[Path, typer.Option("--out", help="private key file to write (the public key: FILE.pub)")],
+) -> None:
+    """Create an auditor's X25519 key pair: exports made `--content-for FILE.pub` carry content only for them."""
+    from bastion.audit.content_export import auditor_keygen
+
+    public, fp = auditor_keygen(private)
+    out.print(f"auditor key {fp}: private {private} (mode 0600), public {public}")
+
+
 @audit_app.command("content")
 def audit_content(
     chain: Annotated[str, typer.Option("--chain", help="chain id of the event")],
     sequence: Annotated[int, typer.Option("--sequence", help="sequence of the event in its chain")],
+    export: Annotated[Path | None, typer.Option("--export", help="read from this export (offline)")] = None,
+    auditor_key: Annotated[
+        Path | None, typer.Option("--auditor-key", help="with --export: your X25519 private key")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="with --export: check the content keys' signature")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Decrypt one event's stored prompt and completion (auditors only); the reading is itself audited."""
+    """Decrypt one event's stored prompt and completion (auditors only); the reading is itself audited, or,
+    offline, from an export made `--content-for` your key (that export was audited)."""
     import asyncio
     import json
 
     from bastion.audit import service
+
+    if export is not None:
+        from bastion.audit.content_export import read_exported_content
+        from bastion.audit.errors import AuditError
+
+        if auditor_key is None:
+            raise AuditError("--export needs --auditor-key FILE")
+        content = read_exported_content(export, auditor_key, chain, sequence, public_key)
+        sys.stdout.write(json.dumps(content, ensure_ascii=False, indent=2) + "\n")
+        return
 
     platform = load_config(config)
     content = asyncio.run(service.read_content(platform, chain, sequence, actor=_actor(platform)))

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit import keyring
+from bastion.audit.content_export import write_content_keys
 from bastion.audit.crypto import ContentCipher
 from bastion.audit.errors import AuditError, AuditKeyError
 from bastion.audit.events import AdminEvent, ExportEvent, VerifyEvent
@@ -178,11 +179,20 @@ async def export(
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     notes: list[str] | None = None,
+    content_for: Path | None = None,
 ) -> ExportResult:
-    """Export, sign the manifest, and audit the export (when the role may write, else a line in `notes`)."""
+    """Export, sign the manifest, and audit the export (when the role may write, else a line in `notes`).
+
+    `content_for` (an auditor's X25519 public key) adds the data keys the rows need, sealed to that auditor;
+    that needs the master content key and a role that may write the log (it is audited, or not done)."""
     actor = actor or operator(config)  # first: an unproven operator changes nothing
     signer = load_signer(config)
+    master = load_cipher(config) if content_for is not None else None
+    if content_for is not None and master is None:
+        raise AuditKeyError("--content-for needs audit.content_key_file (the master content key)")
     async with _database(config) as engine:
+        if content_for is not None and not await may_write(engine):
+            raise AuditError(f"content export refused: it must be audited, and it would be {UNRECORDED}")
         if on_total is not None:
             on_total(await count_rows(engine, tenant, start, end))
         result = await export_events(
@@ -197,7 +207,20 @@ async def export(
             rows=result.rows,
             manifest_sha256=result.manifest_sha256,
         )
-        if not await record(config, [event], engine) and notes is not None:
+        events: list[Any] = [event]
+        if content_for is not None and master is not None:
+            sealed = await write_content_keys(engine, out_dir, fmt, master, content_for, signer)
+            events.append(
+                AdminEvent(
+                    tenant_id=tenant,
+                    actor=actor,
+                    action="audit.content.export",
+                    target_type="export",
+                    target_id=result.manifest_sha256,
+                    after=sealed,
+                )
+            )
+        if not await record(config, events, engine) and notes is not None:
             notes.append(f"this export was {UNRECORDED}")
     return result
 
