@@ -1,7 +1,7 @@
 """audit: kinds of signed heads (genesis, head, final, replayed) and signed records (retention, key hand-over)
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-03 13:00:00.000000
 
 Checkpoints written before this migration keep the kind `head-v1` (their signature covers chain, sequence and
@@ -18,7 +18,7 @@ from alembic import op
 import bastion.db.models
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -100,7 +100,9 @@ class SpeculationStats:
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """Everything Bastion keeps about one request: no prompt or completion text, no secrets."""
+    """Everything Bastion keeps about one request: no secrets, and no prompt or completion text except in
+    `content`, set only for tenants that opted in (`log_content`), read only by the audit recorder (which
+    stores it encrypted), and left out of repr."""
 
     request_id: str
     tenant_id: str | None
@@ -123,6 +125,7 @@ class RequestRecord:
     client_address: str | None = None
     replica: str | None = None  # `upstream#replica-id` when the upstream named the replica that served it
     extra: dict[str, Any] = field(default_factory=dict)
+    content: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # {"prompt", "completion"}
 
     @property
     def total_tokens(self) -> int:

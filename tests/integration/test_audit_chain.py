@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.audit import AuditWriter, EventContent, InferenceEvent
 from bastion.audit.chain import row_hash
-from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit.content_keys import decrypt_row
+from bastion.audit.crypto import ContentCipher
 from bastion.audit.export import MANIFEST, export_events
 from bastion.audit.exportcheck import verify_export
 from bastion.audit.formats import FORMATS, events_file, read_rows
@@ -203,14 +204,10 @@ async def test_postgresql_trigger_refuses_update_and_delete(pg_url: str, signer:
             with pytest.raises(DBAPIError, match="append-only"):
                 async with engine.begin() as conn:
                     await conn.execute(text(statement))
-        async with engine.connect() as conn:  # the retention procedure's setting lets DELETE through
-            transaction = await conn.begin()
-            await conn.execute(text("SET LOCAL bastion.retention = 'on'"))
-            assert (await conn.execute(text("DELETE FROM audit_events"))).rowcount == 3
-            await transaction.rollback()
-            with pytest.raises(DBAPIError, match="append-only"):  # SET LOCAL ended with its transaction
-                async with conn.begin():
-                    await conn.execute(text("DELETE FROM audit_events"))
+        with pytest.raises(DBAPIError, match="append-only"):  # 0002's setting opens nothing since 0006
+            async with engine.begin() as conn:
+                await conn.execute(text("SET LOCAL bastion.retention = 'on'"))
+                await conn.execute(text("DELETE FROM audit_events"))
         assert (await verify_database(engine, signer.verifier)).events == 3
     finally:
         await engine.dispose()
@@ -237,7 +234,7 @@ async def test_export_round_trips_and_one_changed_byte_fails(
     assert result.rows == len(exported) == len(expected) == 16
     assert exported == expected  # every column, including timestamps and ciphertext
     encrypted = [r for r in exported if r["content"]]
-    assert encrypted and decrypt_content(encrypted[0], cipher)["prompt"].startswith("prompt ")
+    assert encrypted and (await decrypt_row(engine, encrypted[0], cipher))["prompt"].startswith("prompt ")
 
     public = Verifier.from_file(keys["public"])
     report = verify_export(out, public)

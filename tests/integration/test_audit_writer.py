@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit import AdminEvent, AuditWriter, EventContent, InferenceEvent
-from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit.content_keys import decrypt_row
+from bastion.audit.crypto import ContentCipher
 from bastion.audit.signing import Signer, keygen
 from bastion.audit.store import ANCHORS, CHECKPOINTS, EVENTS
 from bastion.audit.verify import verify_database
@@ -215,8 +217,8 @@ async def test_content_is_encrypted_and_nowhere_else(
         as_text = (await conn.execute(text("SELECT * FROM audit_events"))).all()
     assert SECRET not in repr(as_text) and SECRET.encode() not in b"".join(r["content"] or b"" for r in rows)
     assert SECRET not in caplog.text
-    assert decrypt_content(rows[0], cipher) == {"prompt": SECRET, "completion": f"re: {SECRET}"}
-    assert rows[1]["content"] is None and decrypt_content(rows[1], cipher) is None
+    assert await decrypt_row(engine, rows[0], cipher) == {"prompt": SECRET, "completion": f"re: {SECRET}"}
+    assert rows[1]["content"] is None and await decrypt_row(engine, rows[1], cipher) is None
     assert rows[2]["content"] is None and rows[2]["payload"]["content_dropped"]
     assert (await verify_database(engine, signer.verifier)).ok
 
@@ -273,3 +275,78 @@ async def test_an_unserializable_event_is_dropped_without_breaking_the_chain(
     assert writer.dropped == 1 and "dropped" in caplog.text
     report = await verify_database(engine, signer.verifier)
     assert report.ok and report.events == 2 and [c.last_sequence for c in report.chains] == [2]
+
+
+async def test_a_different_event_at_a_taken_position_is_an_alarm_not_a_loss(
+    engine: AsyncEngine, signer: Signer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone with INSERT rights (the app role can insert) takes the writer's next position first: the genuine
+    event is neither dropped nor written over; it is kept fsync'd, counted, and named in an error log."""
+    from bastion.audit.chain import ChainHead
+    from bastion.audit.store import insert_events
+    from bastion.telemetry.metrics import GatewayMetrics
+
+    spool = tmp_path / "spool"
+    writer = await AuditWriter(engine, spool_dir=spool, signer=signer).start()
+    writer.enqueue(event(1))
+    await writer.drain(timeout=10)
+    chain = f"{writer.writer_id}:acme"
+    async with engine.connect() as conn:
+        first = (await conn.execute(select(EVENTS).where(EVENTS.c.chain_id == chain))).mappings().one()
+    forged = ChainHead(chain, sequence=1, hash=first["hash"]).seal(event(666).record() | {"content": None})
+    async with engine.begin() as conn:
+        assert await insert_events(conn, [forged]) == []
+    writer.enqueue(event(2))
+    writer.enqueue(event(3))
+    await writer.drain(timeout=10)
+    metrics = GatewayMetrics(max_tenant_labels=5)
+    metrics.watch_audit(writer)
+    assert "bastion_audit_conflicts_total 1.0" in metrics.render().decode()
+    await writer.close()
+
+    assert writer.conflicts == 1
+    kept = (spool / "conflicts" / f"{writer.writer_id}.jsonl").read_text().splitlines()
+    assert [(json.loads(line)["sequence"], json.loads(line)["request_id"]) for line in kept] == [(2, "r-2")]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert [m for m in errors if "audit conflict" in m] == [
+        f"audit conflict: chain {chain} sequence 2 already holds a different event; ours (hash "
+        f"{json.loads(kept[0])['hash']}) kept {spool / 'conflicts' / (writer.writer_id + '.jsonl')}"
+    ]
+    async with engine.connect() as conn:
+        stored = (await conn.execute(select(EVENTS.c.sequence, EVENTS.c.request_id).order_by(EVENTS.c.sequence))).all()
+    assert [tuple(r) for r in stored] == [(1, "r-1"), (2, "r-666"), (3, "r-3")]
+    problem = (await verify_database(engine, signer.verifier)).first_problem
+    assert problem is not None and (problem.sequence, problem.what) == (3, "bad prev hash")
+
+
+async def test_the_same_row_twice_in_one_replay_is_written_once(engine: AsyncEngine) -> None:
+    from bastion.audit.chain import ChainHead
+    from bastion.audit.store import insert_events
+
+    head = ChainHead("w:acme")
+    rows = [head.seal(event(i).record() | {"content": None}) for i in range(3)]
+    async with engine.begin() as conn:
+        assert await insert_events(conn, rows[:2]) == []
+    async with engine.begin() as conn:  # a lost acknowledgement: the spool holds rows 1-2 twice, then row 3
+        assert await insert_events(conn, [rows[0], rows[1], rows[0], rows[1], rows[2]]) == []
+    assert await _stats(engine) == (3, 3)
+
+
+async def test_content_during_an_outage_is_dropped_not_waited_for(
+    pg_url: str, signer: Signer, keys: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No data key without the database: the event is spooled at once with `content_dropped`, one lookup tried."""
+    unreachable = make_url(pg_url).set(port=1).render_as_string(hide_password=False)
+    spool = tmp_path / "spool"
+    cipher = ContentCipher.from_file(keys["content"])
+    writer = await AuditWriter(
+        unreachable, spool_dir=spool, signer=signer, cipher=cipher, retry_interval_s=0.05
+    ).start()
+    for i in range(20):
+        writer.enqueue(event(i, content=EventContent(prompt=SECRET)))
+    await writer.flush(timeout=10)
+    await writer.close(timeout=0.5)
+    rows = [json.loads(line) for line in (spool / f"{writer.writer_id}.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["content"] is None for r in rows)
+    assert {r["payload"]["content_dropped"] for r in rows} == {"tenant data key unavailable"}
+    assert caplog.text.count("no data key for tenant acme") == 1 and SECRET not in caplog.text

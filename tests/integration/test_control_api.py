@@ -149,6 +149,21 @@ def test_admin_actions_are_audited_with_actor_and_values(users: dict[str, As], t
     assert created["payload"]["after"]["limits"]["requests_per_minute"] == 100
 
 
+def test_content_logging_is_set_through_the_api_and_audited(users: dict[str, As], tenants: dict[str, dict]) -> None:
+    pat = users["pat"]
+    made = pat.post("/admin/api/tenants", json={"name": "logged-co", "log_content": True})
+    assert made.status_code == 201 and made.json()["log_content"] is True
+    assert pat.get("/admin/api/tenants/globex").json()["log_content"] is False
+    changed = pat.patch("/admin/api/tenants/globex", json={"log_content": True})
+    assert changed.status_code == 200 and changed.json()["log_content"] is True
+    assert pat.patch("/admin/api/tenants/globex", json={"log_content": "sometimes"}).status_code == 422
+    events = pat.get("/admin/api/audit/events", params={"tenant": "globex", "kind": "admin"}).json()
+    update = next(e for e in events if e["payload"]["action"] == "tenant.update")
+    assert (update["payload"]["before"]["log_content"], update["payload"]["after"]["log_content"]) == (False, True)
+    assert update["actor"] == "oidc:pat"
+    assert pat.patch("/admin/api/tenants/globex", json={"log_content": False}).json()["log_content"] is False
+
+
 def test_tenant_admin_sees_only_their_tenant(users: dict[str, As], tenants: dict[str, dict]) -> None:
     alice, pat = users["alice"], users["pat"]
     assert [t["name"] for t in alice.get("/admin/api/tenants").json()] == ["acme"]

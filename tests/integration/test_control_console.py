@@ -131,6 +131,21 @@ def test_forms_need_the_csrf_token(console: h.ServerThread) -> None:
     assert ok.status_code == 201
 
 
+def test_content_logging_is_switched_in_the_console(console: h.ServerThread) -> None:
+    client, _hops = sign_in(console, "pat")
+    token = csrf_of(client.get("/console/tenants").text)
+    made = client.post("/console/tenants", data={"name": "console-log", "csrf_token": token, "log_content": "on"})
+    assert made.status_code == 303
+    assert client.get("/admin/api/tenants/console-log").json()["log_content"] is True
+    assert "Stop logging content of console-log" in client.get("/console/tenants").text
+    assert client.post("/console/tenants/console-log/content-logging/off", data={}).status_code == 403  # CSRF
+    off = client.post("/console/tenants/console-log/content-logging/off", data={"csrf_token": token})
+    assert off.status_code == 303 and client.get("/admin/api/tenants/console-log").json()["log_content"] is False
+    assert (
+        client.post("/console/tenants/console-log/content-logging/maybe", data={"csrf_token": token}).status_code == 404
+    )
+
+
 def test_tampered_session_cookie_is_ignored(console: h.ServerThread) -> None:
     client, _ = sign_in(console, "pat")
     value = client.cookies["bastion_session"]

@@ -1,7 +1,11 @@
-"""Content encryption at rest: AES-256-GCM, key from a file, bound to the row it belongs to.
+"""Content encryption at rest: AES-256-GCM, bound to the row it belongs to.
 
-Blob layout: version (1 byte) ‖ key id (8 bytes) ‖ nonce (12 bytes) ‖ ciphertext+tag. The associated data is
-the row's chain id and sequence, so a ciphertext moved to another row no longer decrypts.
+Version 2 (written since 2026-12-03): each tenant's content is encrypted with a per-tenant, per-UTC-day *data
+key* (content_keys.py), stored only wrapped by the master key (`audit.content_key_file`); destroying the wrapped
+data key erases the content (crypto-shredding). Blob: 0x02 ‖ data key id (16 bytes) ‖ nonce (12) ‖
+ciphertext+tag. Version 1 (older rows): 0x01 ‖ master key id (8 bytes) ‖ nonce ‖ ciphertext+tag, encrypted
+with the master key itself. The associated data is the row's chain id and sequence, so a ciphertext moved to
+another row no longer decrypts.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import binascii
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from bastion.audit.errors import AuditError, AuditKeyError
 
 _VERSION = b"\x01"
+_V2 = b"\x02"
+_V2_HEAD = 1 + 16 + 12
 
 
 def generate_content_key() -> bytes:
@@ -73,8 +80,50 @@ class ContentCipher:
         return json.loads(plaintext)
 
 
+def new_data_key() -> tuple[str, bytes]:
+    """A data key and its id (32 hex digits, also written into every ciphertext it makes)."""
+    return secrets.token_hex(16), AESGCM.generate_key(bit_length=256)
+
+
+def _wrap_aad(key_id: str, tenant_id: str) -> bytes:
+    return f"bastion-audit-datakey-v1|{key_id}|{tenant_id}".encode()
+
+
+def wrap_key(master: ContentCipher, key_id: str, tenant_id: str, data_key: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + master._aead.encrypt(nonce, data_key, _wrap_aad(key_id, tenant_id))
+
+
+def unwrap_key(master: ContentCipher, key_id: str, tenant_id: str, wrapped: bytes) -> bytes:
+    try:
+        return master._aead.decrypt(wrapped[:12], wrapped[12:], _wrap_aad(key_id, tenant_id))
+    except InvalidTag:
+        raise AuditKeyError(f"data key {key_id}: does not unwrap with this master content key") from None
+
+
+def encrypt_with(data_key: bytes, key_id: str, content: Any, chain_id: str, sequence: int) -> bytes:
+    plaintext = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    nonce = os.urandom(12)
+    sealed = AESGCM(data_key).encrypt(nonce, plaintext, _aad(chain_id, sequence))
+    return _V2 + bytes.fromhex(key_id) + nonce + sealed
+
+
+def data_key_id(blob: bytes) -> str | None:
+    """The data key a version-2 ciphertext needs; None for a version-1 (master key) ciphertext."""
+    return bytes(blob[1:17]).hex() if blob[:1] == _V2 and len(blob) > _V2_HEAD else None
+
+
+def decrypt_with(data_key: bytes, blob: bytes, chain_id: str, sequence: int) -> Any:
+    try:
+        plaintext = AESGCM(data_key).decrypt(blob[17:29], blob[29:], _aad(chain_id, sequence))
+    except InvalidTag:
+        raise AuditError(f"content of {chain_id}#{sequence}: authentication failed (altered or moved)") from None
+    return json.loads(plaintext)
+
+
 def decrypt_content(row: Any, cipher: ContentCipher) -> Any:
-    """The auditor's helper: a row (ORM object or mapping) with content → {"prompt": ..., "completion": ...}."""
+    """A version-1 row (ORM object or mapping) with content → {"prompt": ..., "completion": ...}; version-2 rows
+    need their tenant's data key: `content_keys.decrypt_row`."""
     get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
     blob = get("content")
     if not blob:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from bastion.audit.events import AuditSpeculation, AuthFailureEvent, InferenceEvent
+from bastion.audit.events import AuditSpeculation, AuthFailureEvent, EventContent, InferenceEvent
 from bastion.audit.writer import AuditWriter
 from bastion.config.schema import ProfileConfig
 from bastion.records import RequestRecord
@@ -79,4 +79,5 @@ class AuditRecorder:
             speculation=spec,
             client_address=r.client_address,
             request_id=r.request_id,
+            content=EventContent(**r.content) if r.content is not None else None,  # tenants with log_content
         )

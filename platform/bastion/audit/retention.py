@@ -1,12 +1,12 @@
 """Retention: per tenant, in whole days, deleting only chain prefixes that a signed checkpoint covers.
 
 For each of the tenant's chains, the newest signed checkpoint whose events are all older than the cutoff
-becomes the chain's anchor; the rows up to it are deleted in the same transaction (on PostgreSQL under
-`SET LOCAL bastion.retention = 'on'`, the one thing the append-only trigger lets through), and the deletion is
-audited as a `retention` event. The same transaction writes a signed retention record (policy, cut-off, range,
-count, actor; prunes.py), without which verification refuses the anchor. Verification then starts at the
-anchor, so the chain still verifies. A chain that fails verification up to that checkpoint is left alone:
-retention never deletes evidence of tampering.
+becomes the chain's anchor; the rows up to it are deleted in the same transaction (on PostgreSQL by
+`bastion_audit_prune(checkpoint id)`, the one path the append-only trigger lets through, which only the
+`bastion_retention` role may execute: migration 0006), and the deletion is audited as a `retention` event.
+The same transaction writes a signed retention record (policy, cut-off, range, count, actor; prunes.py), without
+which verification refuses the anchor. Verification then starts at the anchor, so the chain still verifies. A
+chain that fails verification up to that checkpoint is left alone: retention never deletes evidence of tampering.
 """
 
 from __future__ import annotations
@@ -125,12 +125,14 @@ async def _chain(
     if checked.problem is not None:
         raise AuditError(f"retention refused: {checked.problem}")
     async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SET LOCAL bastion.retention = 'on'"))
+        postgresql = conn.dialect.name == "postgresql"
         prefix = (EVENTS.c.chain_id == chain_id) & (EVENTS.c.sequence <= cp.sequence)
         last_at = (await conn.execute(select(func.max(EVENTS.c.occurred_at)).where(prefix))).scalar_one()
-        gone = await conn.execute(delete(EVENTS).where(prefix))
-        deleted = int(gone.rowcount or 0)
+        if postgresql:  # the function deletes and moves the anchor with the owner's rights (migration 0006)
+            prune = text("SELECT bastion_audit_prune(:checkpoint)")
+            deleted = int((await conn.execute(prune, {"checkpoint": cp.id})).scalar_one())
+        else:
+            deleted = int((await conn.execute(delete(EVENTS).where(prefix))).rowcount or 0)
         record = retention_record(
             signer,
             chain_id=chain_id,
@@ -147,11 +149,14 @@ async def _chain(
             actor=actor,
         )
         await insert_records(conn, [record])
-        values = {"sequence": cp.sequence, "hash": cp.hash, "checkpoint_id": cp.id, "updated_at": utcnow()}
-        if anchor is None:
-            await conn.execute(insert(ANCHORS).values(chain_id=chain_id, deleted=deleted, **values))
-        else:
-            await conn.execute(
-                update(ANCHORS).where(ANCHORS.c.chain_id == chain_id).values(deleted=anchor.deleted + deleted, **values)
-            )
+        if not postgresql:
+            values = {"sequence": cp.sequence, "hash": cp.hash, "checkpoint_id": cp.id, "updated_at": utcnow()}
+            if anchor is None:
+                await conn.execute(insert(ANCHORS).values(chain_id=chain_id, deleted=deleted, **values))
+            else:
+                await conn.execute(
+                    update(ANCHORS)
+                    .where(ANCHORS.c.chain_id == chain_id)
+                    .values(deleted=anchor.deleted + deleted, **values)
+                )
     return RetentionResult(tenant_id, chain_id, cp.sequence, deleted, cp.hash, days, cutoff)

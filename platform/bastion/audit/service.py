@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import getpass
+import os
+import pwd
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bastion.audit.crypto import ContentCipher, decrypt_content
+from bastion.audit import content_keys
+from bastion.audit.content_export import write_content_keys
+from bastion.audit.content_keys import decrypt_row
+from bastion.audit.crypto import ContentCipher
 from bastion.audit.errors import AuditError, AuditKeyError
 from bastion.audit.events import AdminEvent, ExportEvent, VerifyEvent
 from bastion.audit.export import ExportResult, count_rows, export_events
@@ -26,6 +30,7 @@ from bastion.audit.witness import DirectorySink, Sink, SyslogSink, Witness, read
 from bastion.audit.witnesscheck import check_witness
 from bastion.audit.writer import AuditWriter
 from bastion.config import PlatformConfig
+from bastion.db.models import Tenant
 from bastion.db.session import create_engine
 
 
@@ -95,14 +100,31 @@ def build_writer(config: PlatformConfig, engine: AsyncEngine | None = None, **op
     )
 
 
-async def record(config: PlatformConfig, events: Iterable[Any], engine: AsyncEngine | None = None) -> None:
-    """Write a few events durably from a short-lived process (the CLI's export, verify and retention)."""
+async def may_write(engine: AsyncEngine) -> bool:
+    """Whether the connected role may insert audit events (a select-only auditor may not; SQLite has no roles)."""
+    if engine.dialect.name != "postgresql":
+        return True
+    async with engine.connect() as conn:
+        return bool((await conn.execute(text("SELECT has_table_privilege('audit_events', 'INSERT')"))).scalar())
+
+
+async def record(config: PlatformConfig, events: Iterable[Any], engine: AsyncEngine | None = None) -> bool:
+    """Write a few events durably from a short-lived process (the CLI's export, verify and retention).
+
+    False, and nothing written anywhere (no spool, no waiting for a database that will refuse), when the
+    connected role may not write the audit log: a read-only auditor's own verification goes unrecorded."""
+    if engine is not None and not await may_write(engine):
+        return False
     writer = await build_writer(config, engine).start()
     try:
         for event in events:
             writer.enqueue(event)
     finally:
         await writer.close()
+    return True
+
+
+UNRECORDED = "not recorded in the audit log: the database role may not write it (a select-only auditor)"
 
 
 @contextlib.asynccontextmanager
@@ -121,8 +143,39 @@ async def _database(config: PlatformConfig) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+DEFAULT_OPERATOR_KEY = Path("~/.config/bastion/operator.pem")
+
+
+def operator(config: PlatformConfig, key_file: Path | None = None) -> str:
+    """Who runs this CLI action, proven: the operator whose public key is pinned in `audit.operators` and whose
+    private key (`--operator-key`, else ~/.config/bastion/operator.pem) signs a fresh challenge here. Recorded
+    as `operator:<name>#<key id>`. With no operators pinned and no key, the OS account (from the process's uid,
+    not an environment variable) is recorded as `cli-unverified:<account>`."""
+    path = key_file or DEFAULT_OPERATOR_KEY.expanduser()
+    pinned = config.audit.operators
+    if key_file is None and not path.exists():
+        if pinned:
+            raise AuditKeyError(
+                "this platform names its operators (audit.operators): prove who you are with --operator-key FILE"
+            )
+        return cli_actor()
+    signer = Signer.from_file(path)
+    challenge = os.urandom(32)
+    signature = signer.sign(challenge)
+    for name, public in sorted(pinned.items()):
+        verifier = Verifier.from_file(public)
+        if verifier.key_id == signer.key_id and verifier.verify(signature, challenge):
+            return f"operator:{name}#{signer.key_id}"[:128]
+    raise AuditKeyError(f"operator key {signer.key_id} is not pinned in audit.operators of the platform file")
+
+
 def cli_actor() -> str:
-    return f"cli:{getpass.getuser()}"[:128]
+    """The OS account of this process by its uid (unverified: anyone with that account can be it)."""
+    try:
+        account = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        account = f"uid {os.getuid()}"
+    return f"cli-unverified:{account}"[:128]
 
 
 async def verify(
@@ -132,8 +185,12 @@ async def verify(
     *,
     witness: list[Path] | None = None,
     max_unsigned_s: float | None = None,
+    notes: list[str] | None = None,
 ) -> VerifyReport:
-    """Verify every chain, signed head and record with the trusted keys (and against witnesses); audit it."""
+    """Verify every chain, signed head and record with the trusted keys (and against witnesses); audit the
+    verification itself when this host may write (else a line in `notes`): works with the select-only
+    `bastion_auditor` role."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     keyring = trusted_keyring(config, public_keys)
     witnessed = [head for source in witness or [] for head in read_witness(source)]
     async with _database(config) as engine:
@@ -143,15 +200,18 @@ async def verify(
             await check_witness(engine, keyring, witnessed, report)
         first = report.first_problem
         event = VerifyEvent(
-            actor=actor or cli_actor(),
+            actor=actor,
             target="database",
             ok=report.ok,
             chains=len(report.chains),
             events=report.events,
             first_error=str(first) if first else None,
         )
-        if config.audit.signing_key_file is not None:  # an auditor's host holds no signing key: nothing to write
-            await record(config, [event], engine)
+        if config.audit.signing_key_file is None:  # an auditor's host holds no signing key: nothing to write
+            if notes is not None:
+                notes.append("this verification was not recorded in the audit log: this host holds no signing key")
+        elif not await record(config, [event], engine) and notes is not None:
+            notes.append(f"this verification was {UNRECORDED}")
     return report
 
 
@@ -167,12 +227,24 @@ async def export(
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     allow_unverified: bool = False,
+    notes: list[str] | None = None,
+    content_for: Path | None = None,
 ) -> ExportResult:
-    """Verify what is exported (refuse a log that does not verify unless allowed), export, sign, audit."""
+    """Verify what is exported (refuse a log that does not verify unless allowed), export, sign the manifest,
+    and audit the export (when the role may write, else a line in `notes`).
+
+    `content_for` (an auditor's X25519 public key) adds the data keys the rows need, sealed to that auditor;
+    that needs the master content key and a role that may write the log (it is audited, or not done)."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     signer = load_signer(config)
     manifest_signer = Signer.from_file(config.audit.export_key_file) if config.audit.export_key_file else signer
     keyring = trusted_keyring(config) if config.audit.trusted_key_fingerprints else Keyring.of(signer.verifier)
+    master = load_cipher(config) if content_for is not None else None
+    if content_for is not None and master is None:
+        raise AuditKeyError("--content-for needs audit.content_key_file (the master content key)")
     async with _database(config) as engine:
+        if content_for is not None and not await may_write(engine):
+            raise AuditError(f"content export refused: it must be audited, and it would be {UNRECORDED}")
         chains = await chain_ids(engine, tenant)
         checked = await verify_database(engine, keyring, chains)
         problems = [str(p) for p in checked.problems]
@@ -197,25 +269,39 @@ async def export(
         )
         event = ExportEvent(
             tenant_id=tenant,
-            actor=actor or cli_actor(),
+            actor=actor,
             format=fmt,
             time_from=start,
             time_to=end,
             rows=result.rows,
             manifest_sha256=result.manifest_sha256,
         )
-        await record(config, [event], engine)
+        events: list[Any] = [event]
+        if content_for is not None and master is not None:
+            sealed = await write_content_keys(engine, out_dir, fmt, master, content_for, signer)
+            events.append(
+                AdminEvent(
+                    tenant_id=tenant,
+                    actor=actor,
+                    action="audit.content.export",
+                    target_type="export",
+                    target_id=result.manifest_sha256,
+                    after=sealed,
+                )
+            )
+        if not await record(config, events, engine) and notes is not None:
+            notes.append(f"this export was {UNRECORDED}")
     return result
 
 
 async def retention(config: PlatformConfig, actor: str | None = None) -> list[RetentionResult]:
     """Apply every tenant's retention (tenant setting, else audit.retention_days) and audit each deletion."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     signer = load_signer(config)
-    who = actor or cli_actor()
     async with _database(config) as engine:
         policies = await tenant_policies(engine, config.audit.retention_days)
-        results = await apply_retention(engine, signer, policies, actor=who)
-        await record(config, [r.event(who) for r in results], engine)
+        results = await apply_retention(engine, signer, policies, actor=actor)
+        await record(config, [r.event(actor) for r in results], engine)
     return results
 
 
@@ -223,7 +309,7 @@ async def rotate_key(config: PlatformConfig, new_key: Path, actor: str | None = 
     """Record the hand-over from the configured signing key to `new_key`, signed by both (then point
     audit.signing_key_file at the new key and restart the writers)."""
     old, new = load_signer(config), Signer.from_file(new_key)
-    row = handover_record(old, new, actor or cli_actor())
+    row = handover_record(old, new, actor or operator(config))
     async with _database(config) as engine, engine.begin() as conn:
         await insert_records(conn, [row])
     return {"old": old.verifier.fingerprint, "new": new.verifier.fingerprint}
@@ -242,6 +328,7 @@ def parse_when(text: str | None, option: str) -> datetime | None:
 
 async def read_content(config: PlatformConfig, chain_id: str, sequence: int, actor: str | None = None) -> Any:
     """Decrypt one event's content for an auditor; the reading is itself audited (who, which event)."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
     cipher = load_cipher(config)
     if cipher is None:
         raise AuditKeyError("audit.content_key_file is not set")
@@ -253,10 +340,37 @@ async def read_content(config: PlatformConfig, chain_id: str, sequence: int, act
             raise AuditError(f"no audit event {chain_id}#{sequence}")
         event = AdminEvent(
             tenant_id=row["tenant_id"],
-            actor=actor or cli_actor(),
+            actor=actor,
             action="audit.content.read",
             target_type="audit_event",
             target_id=f"{chain_id}#{sequence}",
         )
-        await record(config, [event], engine)
-    return decrypt_content(dict(row), cipher)
+        if not await record(config, [event], engine):  # content is never read unaudited
+            raise AuditError(f"content not read: the reading must be audited, and it would be {UNRECORDED}")
+        return await decrypt_row(engine, dict(row), cipher)
+
+
+async def erase(config: PlatformConfig, tenant: str, before: date | None = None, actor: str | None = None) -> int:
+    """Crypto-shred a tenant's stored content (all of it, or the days before `before`); audited. Every chain
+    still verifies: rows hold ciphertext, and only the tenant's data keys are destroyed."""
+    actor = actor or operator(config)  # first: an unproven operator changes nothing
+    async with _database(config) as engine:
+        async with engine.connect() as conn:
+            query = select(Tenant.id).where((Tenant.id == tenant) | (Tenant.name == tenant))
+            tenant_id = (await conn.execute(query)).scalar_one_or_none()
+        if tenant_id is None:
+            raise AuditError(f"no tenant {tenant!r}")
+        if not await may_write(engine):
+            raise AuditError("erase refused: an erasure must be audited, and this role may not write the log")
+        destroyed = await content_keys.erase(engine, tenant_id, before)
+        event = AdminEvent(
+            tenant_id=tenant_id,
+            actor=actor,
+            action="audit.content.erase",
+            target_type="tenant",
+            target_id=tenant_id,
+            after={"before": before.isoformat() if before else None, "data_keys_destroyed": destroyed},
+        )
+        if not await record(config, [event], engine):
+            raise AuditError(f"erased {destroyed} data keys, but the erasure could not be audited: {UNRECORDED}")
+    return destroyed

@@ -172,14 +172,23 @@ def keygen(out_dir: Path) -> dict[str, Path]:
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing:
         raise AuditKeyError(f"refusing to overwrite existing key files: {', '.join(existing)}")
+    write_key_pair(paths["private"], paths["public"])
+    _write_private(paths["content"], base64.b64encode(generate_content_key()) + b"\n")
+    return paths
+
+
+def write_key_pair(private_path: Path, public_path: Path) -> str:
+    """A new Ed25519 pair (private PKCS#8 PEM, mode 0600; public PEM); refuses to overwrite; returns the key id."""
+    for path in (private_path, public_path):
+        if path.exists():
+            raise AuditKeyError(f"refusing to overwrite existing key file: {path}")
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_private(paths["private"], pem)
+    _write_private(private_path, pem)
     public = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    paths["public"].write_bytes(public)
-    _write_private(paths["content"], base64.b64encode(generate_content_key()) + b"\n")
-    return paths
+    public_path.write_bytes(public)
+    return key_id(private.public_key())

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.audit.events import format_time, parse_time
@@ -38,8 +39,7 @@ ROW_COLUMNS = (
 
 _PG_INSERT = (  # the columns of ROW_COLUMNS, in that order
     "INSERT INTO audit_events (chain_id, sequence, prev_hash, hash, occurred_at, kind, tenant_id, actor, request_id, "
-    "payload, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
-    "ON CONFLICT (chain_id, sequence) DO NOTHING"
+    "payload, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
 
 
@@ -55,10 +55,63 @@ def _insert(dialect: str, table: Any):  # -> a dialect Insert with ON CONFLICT s
     return insert(table)
 
 
-async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert sealed rows in one statement batch; rows already present (a replay after a lost ack) are skipped."""
+async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert sealed rows atomically; return the conflicts: rows whose (chain, sequence) already holds a
+    *different* event. Those are not written and must not be dropped (the caller keeps and reports them).
+
+    The same row again (a replay after a lost acknowledgement) is skipped: that is idempotence, not a conflict.
+    The fast path is one plain batch insert inside a savepoint; only a unique violation takes the slow path."""
     if not rows:
-        return
+        return []
+    try:
+        async with conn.begin_nested():
+            await _insert_rows(conn, rows)
+        return []
+    except Exception as exc:
+        if not _unique_violation(exc):
+            raise
+    existing = await _existing(conn, rows)
+    fresh: dict[tuple[str, int], dict[str, Any]] = {}
+    conflicts: list[dict[str, Any]] = []
+    for row in rows:
+        key = (row["chain_id"], int(row["sequence"]))
+        have = existing.get(key) or (_link(fresh[key]) if key in fresh else None)
+        if have is None:
+            fresh[key] = row
+        elif have != _link(row):
+            conflicts.append(row)
+    if fresh:
+        await _insert_rows(conn, list(fresh.values()))
+    return conflicts
+
+
+def _link(row: Mapping[str, Any]) -> tuple[str, str]:
+    return row["prev_hash"], row["hash"]  # the hash covers every other column: equal links, equal rows
+
+
+def _unique_violation(exc: BaseException) -> bool:
+    cause = getattr(exc, "orig", None) or exc
+    if getattr(cause, "sqlstate", None) == "23505":  # PostgreSQL (asyncpg)
+        return True
+    return isinstance(exc, IntegrityError) and "UNIQUE" in str(cause)  # SQLite
+
+
+async def _existing(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int], tuple[str, str]]:
+    """(prev_hash, hash) of the rows already stored at the batch's positions (one query per chain)."""
+    by_chain: dict[str, list[int]] = {}
+    for row in rows:
+        by_chain.setdefault(row["chain_id"], []).append(int(row["sequence"]))
+    found: dict[tuple[str, int], tuple[str, str]] = {}
+    for chain_id, sequences in by_chain.items():
+        query = select(EVENTS.c.sequence, EVENTS.c.prev_hash, EVENTS.c.hash).where(
+            EVENTS.c.chain_id == chain_id, EVENTS.c.sequence.between(min(sequences), max(sequences))
+        )
+        for seq, prev_hash, hash_hex in (await conn.execute(query)).all():
+            found[(chain_id, int(seq))] = (prev_hash, hash_hex)
+    return found
+
+
+async def _insert_rows(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     if conn.dialect.name == "postgresql":
         # asyncpg's own executemany: about twice SQLAlchemy's rate, and atomic (all rows or none).
         raw = (await conn.get_raw_connection()).driver_connection
@@ -66,8 +119,7 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
         values = [(*(r[c] for c in ROW_COLUMNS[:9]), _PAYLOAD.encode(r["payload"]), r["content"]) for r in rows]
         await raw.executemany(_PG_INSERT, values)
         return
-    stmt = _insert(conn.dialect.name, EVENTS).on_conflict_do_nothing(index_elements=["chain_id", "sequence"])
-    await conn.execute(stmt, [{c: r.get(c) for c in ROW_COLUMNS} for r in rows])
+    await conn.execute(EVENTS.insert(), [{c: r.get(c) for c in ROW_COLUMNS} for r in rows])
 
 
 async def insert_checkpoints(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:

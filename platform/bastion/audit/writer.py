@@ -5,9 +5,10 @@ Every chain's life is signed: its first row carries a signed genesis (inserted i
 spooled with it), the heads that reached the database are signed every `checkpoint_interval_s` or
 `checkpoint_every` events, `close()` signs a `final` head, and a writer that replays a dead writer's spool
 signs that chain's head as `replayed`. Each signed head also goes to the witness (off the database), if any.
-While the spool holds anything, new rows go to the spool too, so replay keeps each chain in order. Replay
-inserts with ON CONFLICT DO NOTHING on (chain_id, sequence): a batch whose commit succeeded but whose
-acknowledgement was lost is not written twice.
+While the spool holds anything, new rows go to the spool too, so replay keeps each chain in order. A row
+already stored identically (a batch whose commit succeeded but whose acknowledgement was lost) is skipped; a
+*different* event at an existing (chain, sequence) is a conflict: never dropped, kept fsync'd in
+`<spool>/conflicts/<writer id>.jsonl`, counted (`conflicts`, a metric) and logged as an error naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit.chain import GENESIS, ChainHead, chain_id_for, new_writer_id
-from bastion.audit.crypto import ContentCipher
+from bastion.audit.content_keys import TenantKeys
+from bastion.audit.crypto import ContentCipher, encrypt_with
 from bastion.audit.errors import AuditError
 from bastion.audit.events import Event, EventBase
 from bastion.audit.signing import FINAL_KIND, GENESIS_KIND, HEAD_KIND, REPLAYED_KIND, Signer, checkpoint_row
@@ -57,6 +59,8 @@ class AuditWriter:
         self.engine = writer_engine(engine) if isinstance(engine, str) else engine
         self.writer_id = writer_id or new_writer_id()
         self.signer, self.cipher, self.witness = signer, cipher, witness
+        # Content is encrypted with each tenant's data key, wrapped by the master key `cipher` (content_keys.py).
+        self.keyring = TenantKeys(self.engine, cipher) if cipher is not None else None
         self.batch_size, self.max_queue = batch_size, max_queue
         self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
         self.retry_interval_s, self.db_timeout_s = retry_interval_s, db_timeout_s
@@ -76,6 +80,9 @@ class AuditWriter:
         self._checkpoint_waiters: list[asyncio.Future[None]] = []
         self._enqueued = self._durable = 0
         self.dropped = 0  # events that could not be serialized (a bug, logged without content)
+        self.conflicts = 0  # sealed events whose (chain, sequence) already held another event: an alarm
+        self.conflicted: list[dict[str, Any]] = []  # those rows, when there is no spool folder to keep them in
+        self._conflict_spool: Spool | None = None
         self._db_ok = True
         self._next_retry = 0.0
         self._last_checkpoint = time.monotonic()
@@ -198,6 +205,8 @@ class AuditWriter:
             log.error("audit: %d events could not be made durable (no spool configured)", self.queue_depth)
         for spool in [*self._orphans, *([self._spool] if self._spool else [])]:
             spool.close()
+        if self._conflict_spool is not None:
+            self._conflict_spool.close(remove_if_empty=False)
         if self._owns_engine:
             await self.engine.dispose()
 
@@ -240,7 +249,7 @@ class AuditWriter:
         inflight: asyncio.Future[bool] | None = None
         if self._pending and not self._backlog() and self._db_due():
             batch, self._pending = self._pending, []
-            inflight = asyncio.ensure_future(self._db(self._insert, batch))
+            inflight = asyncio.ensure_future(self._insert(batch))
         await self._seal_more()
         if inflight is not None:
             if await inflight:
@@ -270,7 +279,9 @@ class AuditWriter:
             for _ in range(min(_SEAL_CHUNK, len(self._queue), self.batch_size - len(self._pending))):
                 event = self._queue.popleft()
                 try:
-                    self._pending.append(self._seal(event))
+                    content = event.event_content
+                    key = await self._data_key(event) if content is not None else None
+                    self._pending.append(self._seal(event, content, key))
                 except Exception as exc:  # an event that cannot be serialized: drop it, never the chain
                     self.dropped += 1
                     self._durable += 1
@@ -280,20 +291,30 @@ class AuditWriter:
     def _db_due(self) -> bool:
         return self._db_ok or time.monotonic() >= self._next_retry
 
-    def _seal(self, event: Any) -> dict[str, Any]:
+    async def _data_key(self, event: Any) -> tuple[str, bytes] | None:
+        if self.keyring is None or event.tenant_id is None:
+            return None
+        cached = self.keyring.cached(event.tenant_id, event.occurred_at)
+        if cached is not None or not self._db_ok:  # database down: never wait on it here (content dropped)
+            return cached
+        return await self.keyring.current(event.tenant_id, event.occurred_at)
+
+    def _seal(self, event: Any, content: Any = None, key: tuple[str, bytes] | None = None) -> dict[str, Any]:
         row = event.record()
         chain_id = chain_id_for(self.writer_id, row["tenant_id"])
         head = self._heads.get(chain_id)
         opening = head is None
         if head is None:
             head = ChainHead(chain_id)
-        content = event.event_content
         row["content"] = None
         if content is not None:
-            if self.cipher is not None:
-                row["content"] = self.cipher.encrypt(content.model_dump(mode="json"), chain_id, head.sequence + 1)
-            else:
+            if key is not None:
+                plain = content.model_dump(mode="json")
+                row["content"] = encrypt_with(key[1], key[0], plain, chain_id, head.sequence + 1)
+            elif self.cipher is None:
                 row["payload"]["content_dropped"] = "no content key configured"
+            else:
+                row["payload"]["content_dropped"] = "tenant data key unavailable"
         sealed = head.seal(row)  # may raise: then the chain is not opened by this event
         if opening:
             self._heads[chain_id] = head
@@ -303,13 +324,6 @@ class AuditWriter:
 
     def _backlog(self) -> bool:
         return bool(self._orphans) or (self._spool is not None and self._spool.pending)
-
-    async def _insert(self, conn: Any, rows: list[dict[str, Any]]) -> None:
-        """Rows and the geneses they carry, in one transaction: a chain is never in the database unopened."""
-        await insert_events(conn, rows)
-        geneses = [r[GENESIS_KEY] for r in rows if GENESIS_KEY in r]
-        if geneses:
-            await insert_checkpoints(conn, geneses)
 
     def _landed(self, rows: list[dict[str, Any]], *, replayed: bool = False) -> None:
         """Rows are in the database: their heads may now be signed; their geneses go to the witness."""
@@ -347,6 +361,45 @@ class AuditWriter:
         self._db_ok = True
         return True
 
+    async def _insert(self, rows: list[dict[str, Any]]) -> bool:
+        """Insert a batch with the geneses its rows carry, in one transaction (a chain is never in the database
+        unopened); conflicting rows (another event at their chain and sequence) go to quarantine."""
+        conflicts: list[dict[str, Any]] = []
+
+        async def run(conn: Any, batch: list[dict[str, Any]]) -> None:
+            conflicts[:] = await insert_events(conn, batch)
+            geneses = [r[GENESIS_KEY] for r in batch if GENESIS_KEY in r]
+            if geneses:
+                await insert_checkpoints(conn, geneses)
+
+        if not await self._db(run, rows):
+            return False
+        if conflicts:
+            self._quarantine(conflicts)
+        return True
+
+    def _quarantine(self, rows: list[dict[str, Any]]) -> None:
+        """Keep events the database would not take at their position: fsync'd for the operator, never dropped."""
+        self.conflicts += len(rows)
+        where = "in memory only (no spool folder)"
+        try:
+            if self._spool_dir is None:
+                raise AuditError("no spool folder")
+            if self._conflict_spool is None:
+                self._conflict_spool = Spool(self._spool_dir / "conflicts" / f"{self.writer_id}.jsonl")
+            self._conflict_spool.append(rows)
+            where = str(self._conflict_spool.path)
+        except AuditError:
+            self.conflicted.extend(rows)
+        for row in rows:
+            log.error(
+                "audit conflict: chain %s sequence %d already holds a different event; ours (hash %s) kept %s",
+                row["chain_id"],
+                row["sequence"],
+                row["hash"],
+                where,
+            )
+
     def _to_spool(self) -> None:
         """Pending rows to the fsync'd spool; without a spool (or if it fails) they stay pending, in memory."""
         if self._spool is None:
@@ -364,7 +417,7 @@ class AuditWriter:
         for spool in [*self._orphans, *([self._spool] if self._spool else [])]:
             while spool.pending:
                 rows, end = spool.read(self.batch_size)
-                if rows and not await self._db(self._insert, rows):
+                if rows and not await self._insert(rows):
                     return
                 self._landed(rows, replayed=spool is not self._spool)
                 spool.advance(end)

@@ -184,6 +184,12 @@ class AuditConfig(Strict):
                 raise ValueError(f"{item!r}: a fingerprint is 64 lowercase hex digits (bastion audit fingerprint)")
         return value
 
+    operators: dict[str, Path] = Field(
+        default_factory=dict,
+        description="operator name → Ed25519 public key (PEM): audit CLI actions are recorded as the operator "
+        "whose private key (--operator-key) matches; when set, an action without a pinned key is refused",
+    )
+
 
 class TelemetryConfig(Strict):
     otlp_endpoint: str | None = None

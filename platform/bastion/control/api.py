@@ -66,6 +66,7 @@ class TenantCreate(Body):
     default_profile: str | None = None
     limits: LimitsConfig | None = None
     fair_share_weight: Weight = None
+    log_content: bool = Field(default=False, description="store prompts and completions, encrypted, in the audit log")
 
 
 class TenantUpdate(Body):
@@ -75,6 +76,7 @@ class TenantUpdate(Body):
     clear_default_profile: bool = False
     fair_share_weight: Weight = None
     clear_fair_share_weight: bool = False
+    log_content: bool | None = Field(default=None, description="store prompts and completions (encrypted) or stop")
 
 
 class KeyCreate(Body):

@@ -182,6 +182,7 @@ async def tenants_create(
     requests_per_minute: str = Form(""),
     tokens_per_minute: str = Form(""),
     monthly_token_budget: str = Form(""),
+    log_content: str = Form(""),
 ) -> Response:
     who, data = _who(request)
     _check_csrf(data, csrf_token)
@@ -190,7 +191,18 @@ async def tenants_create(
         tokens_per_minute=_int(tokens_per_minute),
         monthly_token_budget=_int(monthly_token_budget),
     )
-    await context(request).admin.create_tenant(who, name.strip(), limits=limits)
+    await context(request).admin.create_tenant(who, name.strip(), limits=limits, log_content=bool(log_content))
+    return RedirectResponse("/console/tenants", status_code=303)
+
+
+@router.post("/console/tenants/{tenant}/content-logging/{action}")
+async def tenants_content_logging(request: Request, tenant: str, action: str, csrf_token: str = Form("")) -> Response:
+    """Switch a tenant's encrypted prompt and completion logging on or off (audited as tenant.update)."""
+    who, data = _who(request)
+    _check_csrf(data, csrf_token)
+    if action not in ("on", "off"):
+        raise not_found("action")
+    await context(request).admin.update_tenant(who, tenant, log_content=action == "on")
     return RedirectResponse("/console/tenants", status_code=303)
 
 

@@ -224,3 +224,20 @@ class AuditRecord(Base):
     signed_at: Mapped[datetime] = mapped_column(default=utcnow)
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     co_signature: Mapped[bytes | None] = mapped_column(LargeBinary)  # a hand-over's signature by the new key
+
+
+class AuditContentKey(Base):
+    """A tenant's data key for one UTC day of stored content, wrapped by the master content key.
+
+    Not append-only: erasure (crypto-shredding) empties `wrapped`, which makes that day's content unreadable
+    while every chain still verifies (rows hash the ciphertext, not the plaintext)."""
+
+    __tablename__ = "audit_content_keys"
+    __table_args__ = (Index("ix_audit_content_keys_tenant_day", "tenant_id", "day"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # 16 random bytes, hex; in each ciphertext
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD (UTC) of the events it encrypts
+    wrapped: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # None once erased
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    erased_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -60,6 +60,9 @@ class RequestContext:
     key_prefix: str | None = None
     client_address: str | None = None
     trace: RequestTrace | None = None  # the request's spans, when tracing is on
+    # Only for tenants with log_content: what the audit log stores, encrypted. Never logged, never in repr.
+    prompt: Any = field(default=None, repr=False)
+    completion: Any = field(default=None, repr=False)
 
     @property
     def decision(self) -> RoutingDecision | None:

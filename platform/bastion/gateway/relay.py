@@ -22,6 +22,10 @@ class StreamTally:
     error: dict[str, Any] | None = None
     done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    texts: dict[int, list[str]] | None = None  # per choice, the streamed text: kept only for content logging
+
+    def completion(self) -> list[str]:
+        return ["".join(self.texts[i]) for i in sorted(self.texts)] if self.texts else []
 
 
 def usage_of(body: dict[str, Any]) -> tuple[int | None, int | None, SpeculationStats | None]:
@@ -48,6 +52,8 @@ def inspect_event(event: str, tally: StreamTally, keep_usage_chunk: bool) -> str
         tally.done = True
         return event
     tally.chunks += 1
+    if tally.texts is not None:
+        _collect(payload, tally.texts)
     if '"usage"' not in payload and '"error"' not in payload:
         return event
     try:
@@ -65,6 +71,33 @@ def inspect_event(event: str, tally: StreamTally, keep_usage_chunk: bool) -> str
         if not keep_usage_chunk and not data.get("choices"):
             return None
     return event
+
+
+def _collect(payload: str, texts: dict[int, list[str]]) -> None:
+    """The text a chunk adds to each choice (chat `delta.content`, completions `text`)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return
+    choices = data.get("choices") if isinstance(data, dict) else None
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(piece, str) and piece:
+            index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+            texts.setdefault(index, []).append(piece)
+
+
+def answer_texts(body: dict[str, Any]) -> list[Any]:
+    """Each choice's output of a complete answer: the chat message (content, tool calls) or the text."""
+    choices = body.get("choices")
+    out = []
+    for choice in choices if isinstance(choices, list) else []:
+        if isinstance(choice, dict):
+            out.append(choice.get("message") if "message" in choice else choice.get("text"))
+    return out
 
 
 def split_events(chunk: str) -> list[str]:

@@ -23,7 +23,14 @@ from bastion.gateway import policy
 from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
-from bastion.gateway.relay import StreamTally, inspect_chunk, split_events, upstream_body, usage_of
+from bastion.gateway.relay import (
+    StreamTally,
+    answer_texts,
+    inspect_chunk,
+    split_events,
+    upstream_body,
+    usage_of,
+)
 from bastion.gateway.upstream_choice import UpstreamChoice
 from bastion.records import RequestRecord, RequestRecorder
 from bastion.routing.profiles import RouteRequest, RoutingError, split_model
@@ -170,6 +177,8 @@ class GatewayService:
         ctx.session_id = policy.session_id(request)
         body = await policy.read_json(request, self.max_body_bytes)
         parsed = policy.validate(endpoint, body)
+        if principal.log_content:  # the tenant opted in: the audit log stores it, encrypted
+            ctx.prompt = body.get("messages") if endpoint == "chat" else body.get("prompt")
         ctx.stream = parsed.stream
         upstreams, explicit = self._resolve_model(ctx, request, parsed.model)
         # The one place the model name is set: engines know the plain name; streams always ask for usage.
@@ -268,6 +277,8 @@ class GatewayService:
             ctx.prompt_tokens = prompt if prompt is not None else ctx.prompt_tokens
             ctx.completion_tokens = completion or 0
             out = answer.body
+            if ctx.prompt is not None:
+                ctx.completion = answer_texts(answer.body)
         await self._finish(ctx)
         return JSONResponse(out, status_code=answer.status, headers=headers)
 
@@ -287,7 +298,7 @@ class GatewayService:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
             raise refused
-        tally = StreamTally()
+        tally = StreamTally(texts={} if ctx.prompt is not None else None)
         return StreamingResponse(
             self._relay(ctx, events, first, tally, keep_usage),
             media_type="text/event-stream",
@@ -326,6 +337,8 @@ class GatewayService:
                 ctx.prompt_tokens = tally.prompt_tokens
             ctx.completion_tokens = tally.completion_tokens if tally.completion_tokens is not None else tally.chunks
             ctx.speculation = tally.speculation
+            if tally.texts is not None:
+                ctx.completion = tally.completion()
             if detached:  # this task is being cancelled: any await here could be cut short, so hand it off
                 self._spawn(self._close_and_finish(events, ctx))
             else:
@@ -385,6 +398,7 @@ class GatewayService:
             key_prefix=ctx.key_prefix,
             client_address=ctx.client_address,
             replica=f"{d.upstream}#{ctx.replica}" if d and ctx.replica else None,
+            content={"prompt": ctx.prompt, "completion": ctx.completion} if ctx.prompt is not None else None,
         )
 
     def record(self, record: RequestRecord) -> None:

@@ -38,6 +38,9 @@ class AuditSource(Protocol):
     @property
     def spool_bytes(self) -> int: ...
 
+    @property
+    def conflicts(self) -> int: ...
+
 
 class TenantLabels:
     """The first `limit` tenants keep their own label; the rest fold into `other`."""
@@ -102,6 +105,11 @@ class _StateCollector(Collector):
                 "bastion_audit_spool_bytes",
                 "Audit bytes in the local spool waiting for the database (non-zero: the database was unreachable)",
                 value=self.audit.spool_bytes,
+            )
+            yield CounterMetricFamily(
+                "bastion_audit_conflicts",
+                "Audit events refused because their chain position already held another event (kept, not lost)",
+                value=getattr(self.audit, "conflicts", 0),
             )
         if self.limiter is not None:
             yield GaugeMetricFamily(

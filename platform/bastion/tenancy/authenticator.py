@@ -51,6 +51,7 @@ class Principal:
     tenant_limits: LimitsConfig
     key_limits: LimitsConfig | None
     fair_share_weight: float | None = None  # the tenant record's; None: the platform file's, else 1
+    log_content: bool = False  # the tenant opted in to encrypted prompt and completion logging
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -211,6 +212,7 @@ class Authenticator:
             tenant_limits=tenant_limits,
             key_limits=limits_of(by_key.get(key.id)),
             fair_share_weight=tenant.fair_share_weight,
+            log_content=bool(tenant.log_content),
         )
         return _Entry(key.secret_hash, _ts(key.expires_at), _ts(key.revoked_at), principal)
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the services pull in SQLAlchemy and Redis: imported when a 
     from bastion.tenancy.views import CreatedKey, KeyInfo
 
 T = TypeVar("T")
-tenants_app = typer.Typer(help="Tenants: create, list, suspend, weight.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants: create, update, list, suspend, weight.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create, list, rotate, revoke.", no_args_is_help=True)
 _out = Console()
 
@@ -72,6 +72,9 @@ def tenants_create(
     daily_budget: Annotated[int | None, typer.Option(help="tokens per day")] = None,
     monthly_budget: Annotated[int | None, typer.Option(help="tokens per month")] = None,
     weight: Annotated[float | None, typer.Option(help="share of a full profile's fair queue, 0.1-100")] = None,
+    log_content: Annotated[
+        bool, typer.Option("--log-content", help="store prompts and completions, encrypted (docs/audit.md)")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Create a tenant; limits not given come from the platform file's tenant_defaults, the weight from
@@ -94,17 +97,39 @@ def tenants_create(
             default_profile=default_profile,
             limits=limits,
             fair_share_weight=weight,
+            log_content=log_content,
         )
 
     info = _run(config, work)
     _out.print(f"tenant [bold]{info.name}[/bold] created (id {info.id})")
 
 
+@tenants_app.command("update")
+def tenants_update(
+    name: Annotated[str, typer.Argument(help="tenant name or id")],
+    log_content: Annotated[
+        bool | None,
+        typer.Option(
+            "--log-content/--no-log-content",
+            help="store the tenant's prompts and completions, encrypted, in the audit log (or stop)",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Change a tenant's settings (today: content logging; erase what was stored with `bastion audit erase`)."""
+    if log_content is None:
+        raise typer.BadParameter("nothing to change: give --log-content or --no-log-content")
+    info = _run(config, lambda _c, tenants, _k: tenants.update(name, log_content=log_content))
+    _out.print(f"tenant {info.name}: content logging {'on' if info.log_content else 'off'}")
+
+
 @tenants_app.command("list")
 def tenants_list(config: ConfigOption = None) -> None:
     """Tenants with their status, models, profiles and fair-share weight ("file": the platform file's, else 1)."""
     rows = _run(config, lambda _c, tenants, _k: tenants.list())
-    table = Table("name", "id", "status", "models", "profiles", "default profile", "weight", "created")
+    table = Table(
+        "name", "id", "status", "models", "profiles", "default profile", "weight", "content logging", "created"
+    )
     for t in rows:
         table.add_row(
             t.name,
@@ -114,6 +139,7 @@ def tenants_list(config: ConfigOption = None) -> None:
             ", ".join(t.allowed_profiles) or "(defaults)",
             t.default_profile or "-",
             f"{t.fair_share_weight:g}" if t.fair_share_weight is not None else "(file)",
+            "on" if t.log_content else "off",
             _when(t.created_at),
         )
     _out.print(table)

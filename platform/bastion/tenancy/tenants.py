@@ -41,6 +41,7 @@ class TenantService:
         default_profile: str | None = None,
         limits: LimitsConfig | None = None,
         fair_share_weight: float | None = None,
+        log_content: bool = False,
     ) -> TenantInfo:
         if not name or len(name) > 64:
             raise TenancyError("a tenant name has 1 to 64 characters")
@@ -58,6 +59,7 @@ class TenantService:
                 allowed_profiles=list(allowed_profiles),
                 default_profile=default_profile,
                 fair_share_weight=fair_share_weight,
+                log_content=log_content,
             )
             session.add(row)
             await session.flush()
@@ -76,6 +78,7 @@ class TenantService:
         clear_default_profile: bool = False,
         fair_share_weight: float | None = None,
         clear_fair_share_weight: bool = False,
+        log_content: bool | None = None,
     ) -> TenantInfo:
         """Change what is given (None: unchanged); `clear_*` sets the field back to the platform's default."""
         _check_weight(fair_share_weight)
@@ -91,6 +94,8 @@ class TenantService:
                 row.default_profile = default_profile
             if fair_share_weight is not None or clear_fair_share_weight:
                 row.fair_share_weight = fair_share_weight
+            if log_content is not None:
+                row.log_content = log_content
             await session.commit()
             return TenantInfo.of(row)
 

@@ -19,6 +19,7 @@ class TenantInfo:
     default_profile: str | None
     created_at: datetime
     fair_share_weight: float | None = None  # None: the platform file's `gateway.tenant_weights`, else 1
+    log_content: bool = False  # prompts and completions stored, encrypted, in the audit log (docs/audit.md)
 
     @classmethod
     def of(cls, row: Tenant) -> TenantInfo:
@@ -31,6 +32,7 @@ class TenantInfo:
             default_profile=row.default_profile,
             created_at=row.created_at,
             fair_share_weight=row.fair_share_weight,
+            log_content=bool(row.log_content),
         )
 
 
