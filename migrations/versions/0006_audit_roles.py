@@ -176,6 +176,8 @@ def upgrade() -> None:
     op.execute(_AUDIT_GRANTS)
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(_TENANCY)} TO bastion_app")
     op.execute("GRANT SELECT ON tenants TO bastion_retention")  # per-tenant retention days
+    # verify checks each anchor against the tenant's retention policy (0005's signed records): two columns only.
+    op.execute("GRANT SELECT (id, retention_days) ON tenants TO bastion_auditor")
     # Erasure (crypto-shredding) empties a tenant's data keys: retention's job, never the app's.
     op.execute("GRANT UPDATE (wrapped, erased_at) ON audit_content_keys TO bastion_retention")
     op.execute("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO bastion_app, bastion_retention")

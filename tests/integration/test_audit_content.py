@@ -160,7 +160,7 @@ def test_erase_command_by_day_is_audited(tmp_path: Path, keys: dict[str, Path]) 
             "SELECT payload FROM audit_events WHERE kind = 'admin' AND payload LIKE '%audit.content.erase%'"
         ).fetchone()
     assert json.loads(payload)["after"] == {"before": today.isoformat(), "data_keys_destroyed": 1}
-    verified = bastion("audit", "verify")
+    verified = bastion("audit", "verify", "--public-key", str(keys["public"]))
     assert verified.returncode == 0, verified.stderr
 
     # An export carries content only for the auditor it is sealed to.
