@@ -74,7 +74,10 @@ async def owner(pg_url: str, engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
     role = f"auditv_owner_{uuid.uuid4().hex[:8]}"
     database = make_url(pg_url).database
     await asyncio.to_thread(pg_exec, f'CREATE ROLE "{role}" LOGIN NOSUPERUSER')
-    await asyncio.to_thread(_as_admin, database, [f'ALTER TABLE {t} OWNER TO "{role}"' for t in AUDIT_TABLES])
+    owns = [f'ALTER TABLE {t} OWNER TO "{role}"' for t in AUDIT_TABLES]
+    # The owner of the tables owns retention's SECURITY DEFINER function too (migration 0006), as in a deployment.
+    owns.append(f'ALTER FUNCTION bastion_audit_prune(integer) OWNER TO "{role}"')
+    await asyncio.to_thread(_as_admin, database, owns)
     attacker = create_engine(make_url(pg_url).set(username=role).render_as_string(hide_password=False))
     try:
         yield attacker

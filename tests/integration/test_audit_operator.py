@@ -16,7 +16,7 @@ import pytest
 
 from bastion.audit import AuditWriter, EventContent, InferenceEvent
 from bastion.audit.crypto import ContentCipher
-from bastion.audit.signing import keygen
+from bastion.audit.signing import Signer, Verifier, keygen
 from bastion.db import migrate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,6 +28,7 @@ def _platform(tmp_path: Path, keys: dict[str, Path], operators: dict[str, Path])
     config = tmp_path / "platform.yaml"
     text = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {tmp_path}")
     text += f"\naudit:\n  signing_key_file: {keys['private']}\n  content_key_file: {keys['content']}\n"
+    text += f"  trusted_key_fingerprints: [{Verifier.from_file(keys['public']).fingerprint}]\n"  # verify trusts it
     if operators:
         text += "  operators:\n" + "".join(f"    {name}: {path}\n" for name, path in operators.items())
     config.write_text(text)
@@ -54,7 +55,7 @@ def test_actions_are_recorded_as_the_proven_operator(tmp_path: Path) -> None:
     alice_id = made.stdout.split()[2].rstrip(":")
     assert _bastion(tmp_path, "audit", "operator-keygen", "--out", str(tmp_path / "mallory.pem")).returncode == 0
     config = _platform(tmp_path, keys, {"alice": tmp_path / "alice.pem.pub"})
-    chain = asyncio.run(_content_event(tmp_path, keys["content"]))
+    chain = asyncio.run(_content_event(tmp_path, keys))
 
     refused = _bastion(tmp_path, "audit", "verify", "--config", str(config))
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
@@ -78,8 +79,12 @@ def test_without_pinned_operators_the_os_account_is_recorded_unverified(tmp_path
     assert _actors(tmp_path) == [("verify", f"cli-unverified:{pwd.getpwuid(os.getuid()).pw_name}")]
 
 
-async def _content_event(tmp_path: Path, content_key: Path) -> str:
-    writer = AuditWriter(f"sqlite+aiosqlite:///{tmp_path / 'bastion.db'}", cipher=ContentCipher.from_file(content_key))
+async def _content_event(tmp_path: Path, keys: dict[str, Path]) -> str:
+    writer = AuditWriter(
+        f"sqlite+aiosqlite:///{tmp_path / 'bastion.db'}",
+        signer=Signer.from_file(keys["private"]),  # the chain opens with a signed genesis, as in the gateway
+        cipher=ContentCipher.from_file(keys["content"]),
+    )
     await writer.start()
     content = EventContent(prompt="p", completion="c")
     writer.enqueue(InferenceEvent(tenant_id="acme", model="m", profile="p", status=200, content=content))

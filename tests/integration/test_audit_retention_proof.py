@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from audit_support import as_owner, engine, event, keys, owner, problems, signer
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bastion.audit import AuditWriter
@@ -100,10 +101,22 @@ async def test_a_prune_is_signed_and_checked_against_the_policy(
 
 
 async def test_a_prune_with_a_clock_moved_forward_is_refused_by_verify(engine: AsyncEngine, signer: Signer) -> None:
-    """Even the key holder's retention job cannot prune early unnoticed: pruned_at may not lie in the future."""
-    chain = await _aged_chain(engine, signer)
-    results = await apply_retention(engine, signer, {"acme": 30}, now=utcnow() + timedelta(days=40))
-    assert [(r.chain_id, r.up_to_sequence) for r in results] == [(chain, 18)]  # young events deleted too
+    """Even the key holder's retention job cannot prune early unnoticed: pruned_at may not lie in the future.
+
+    PostgreSQL's prune function refuses events younger than a day whatever the job's clock says; within that
+    floor (here: events 10 days old under a 30-day policy), verify catches the clock."""
+    writer = await AuditWriter(engine, signer=signer).start()
+    for i in range(5):
+        writer.enqueue(event(i, age_days=10))
+    await writer.checkpoint()
+    for i in range(5, 8):
+        writer.enqueue(event(i))
+    await writer.close()
+    chain = f"{writer.writer_id}:acme"
+    with pytest.raises(DBAPIError, match="not all a day old"):  # 40 days ahead: the young tail too
+        await apply_retention(engine, signer, {"acme": 30}, now=utcnow() + timedelta(days=40))
+    results = await apply_retention(engine, signer, {"acme": 30}, now=utcnow() + timedelta(days=25))
+    assert [(r.chain_id, r.up_to_sequence) for r in results] == [(chain, 5)]  # 10-day-old events deleted
     report = await verify_database(engine, signer.verifier)
-    assert problems(report) == [(chain, 18, RETENTION_PROBLEM)]
+    assert problems(report) == [(chain, 5, RETENTION_PROBLEM)]
     assert "is not pruned_at minus 30 days" in report.problems[0].detail
