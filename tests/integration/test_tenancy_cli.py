@@ -45,12 +45,18 @@ async def authenticate(config_path: Path, token: str):
         await engine.dispose()
 
 
-def test_tenant_and_key_commands(tmp_path: Path) -> None:
+def migrated_config(tmp_path: Path) -> Path:
+    """The local platform file with its data in tmp_path, the database upgraded."""
     config = tmp_path / "platform.yaml"
     text = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {tmp_path}")
     config.write_text(text)
+    assert run("db", "upgrade", "--config", str(config)).returncode == 0
+    return config
+
+
+def test_tenant_and_key_commands(tmp_path: Path) -> None:
+    config = migrated_config(tmp_path)
     c = ("--config", str(config))
-    assert run("db", "upgrade", *c).returncode == 0
 
     made = run("tenants", "create", "acme", "--model", "smollm2-135m", "--rpm", "5", *c)
     assert made.returncode == 0, made.stderr
@@ -93,11 +99,8 @@ def test_tenant_weight_command_is_validated_and_audited(tmp_path: Path) -> None:
 
     from bastion.db.models import AuditEvent
 
-    config = tmp_path / "platform.yaml"
-    text = (ROOT / "deploy/local/bastion.yaml").read_text().replace("data_dir: .bastion-data", f"data_dir: {tmp_path}")
-    config.write_text(text)
+    config = migrated_config(tmp_path)
     c = ("--config", str(config))
-    assert run("db", "upgrade", *c).returncode == 0
     assert run("tenants", "create", "acme", "--weight", "2", *c).returncode == 0
     assert run("tenants", "create", "zero", "--weight", "0", *c).returncode == 1  # out of bounds: refused
     assert run("tenants", "weight", "acme", *c).stdout.strip() == "tenant acme: weight 2 (set on the tenant)"
