@@ -18,6 +18,7 @@ from bastion.control.deps import api_principal, context
 from bastion.control.errors import bad_request, not_found
 from bastion.control.principal import Principal
 from bastion.pool.catalog import PoolError
+from bastion.tenancy.apis import ApiName
 from bastion.tenancy.usage import acceptance_by_profile
 
 
@@ -58,6 +59,7 @@ class TenantCreate(Body):
     allowed_profiles: list[str] = Field(default_factory=list)
     default_profile: str | None = None
     limits: LimitsConfig | None = None
+    allowed_apis: list[ApiName] = Field(default_factory=list, description="The APIs the tenant may use; empty: all")
 
 
 class TenantUpdate(Body):
@@ -65,6 +67,7 @@ class TenantUpdate(Body):
     allowed_profiles: list[str] | None = None
     default_profile: str | None = None
     clear_default_profile: bool = False
+    allowed_apis: list[ApiName] | None = Field(default=None, description="The APIs the tenant may use; empty: all")
 
 
 class KeyCreate(Body):

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.background import stop_task
 from bastion.gateway import policy
+from bastion.gateway.api_access import require_api
 from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
@@ -167,6 +168,7 @@ class GatewayService:
         policy.check_declared_size(request, self.max_body_bytes)
         with _step(ctx, "authenticate"):
             principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
+        require_api(principal, endpoint)
         ctx.session_id = policy.session_id(request)
         body = await policy.read_json(request, self.max_body_bytes)
         parsed = policy.validate(endpoint, body)

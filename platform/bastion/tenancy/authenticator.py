@@ -50,9 +50,13 @@ class Principal:
     default_profile: str | None
     tenant_limits: LimitsConfig
     key_limits: LimitsConfig | None
+    allowed_apis: frozenset[str] = frozenset()  # empty: every API (tenancy/apis.py)
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
+
+    def may_use_api(self, api: str) -> bool:
+        return not self.allowed_apis or api in self.allowed_apis
 
 
 class AuthFailure(Exception):
@@ -209,6 +213,7 @@ class Authenticator:
             default_profile=tenant.default_profile or self._defaults.default_profile,
             tenant_limits=tenant_limits,
             key_limits=limits_of(by_key.get(key.id)),
+            allowed_apis=frozenset(tenant.allowed_apis or ()),
         )
         return _Entry(key.secret_hash, _ts(key.expires_at), _ts(key.revoked_at), principal)
 

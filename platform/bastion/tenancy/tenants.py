@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bastion.config.schema import LimitsConfig
 from bastion.db.models import Limit, Tenant
 from bastion.errors import BastionError
+from bastion.tenancy.apis import APIS, unknown_apis
 from bastion.tenancy.views import TenantInfo, limits_of
 
 ACTIVE = "active"
@@ -40,9 +41,11 @@ class TenantService:
         allowed_profiles: Sequence[str] = (),
         default_profile: str | None = None,
         limits: LimitsConfig | None = None,
+        allowed_apis: Sequence[str] = (),
     ) -> TenantInfo:
         if not name or len(name) > 64:
             raise TenancyError("a tenant name has 1 to 64 characters")
+        _check_apis(allowed_apis)
         if default_profile is not None and allowed_profiles and default_profile not in allowed_profiles:
             raise TenancyError(f"default profile {default_profile!r} is not among the allowed profiles")
         async with self._sessions() as session:
@@ -55,6 +58,7 @@ class TenantService:
                 allowed_models=list(allowed_models),
                 allowed_profiles=list(allowed_profiles),
                 default_profile=default_profile,
+                allowed_apis=list(allowed_apis),
             )
             session.add(row)
             await session.flush()
@@ -71,9 +75,13 @@ class TenantService:
         allowed_profiles: Sequence[str] | None = None,
         default_profile: str | None = None,
         clear_default_profile: bool = False,
+        allowed_apis: Sequence[str] | None = None,
     ) -> TenantInfo:
+        _check_apis(allowed_apis or ())
         async with self._sessions() as session:
             row = await find_tenant(session, ref)
+            if allowed_apis is not None:
+                row.allowed_apis = list(allowed_apis)
             if allowed_models is not None:
                 row.allowed_models = list(allowed_models)
             if allowed_profiles is not None:
@@ -134,3 +142,8 @@ class TenantService:
 
 def _key_is(key_id: str | None):
     return Limit.key_id.is_(None) if key_id is None else Limit.key_id == key_id
+
+
+def _check_apis(names: Sequence[str]) -> None:
+    if unknown := unknown_apis(names):
+        raise TenancyError(f"unknown API {unknown[0]!r}; the APIs are {', '.join(APIS)}")

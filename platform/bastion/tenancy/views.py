@@ -18,6 +18,7 @@ class TenantInfo:
     allowed_profiles: tuple[str, ...]
     default_profile: str | None
     created_at: datetime
+    allowed_apis: tuple[str, ...] = ()  # empty: every API (tenancy/apis.py)
 
     @classmethod
     def of(cls, row: Tenant) -> TenantInfo:
@@ -29,6 +30,7 @@ class TenantInfo:
             allowed_profiles=tuple(row.allowed_profiles or ()),
             default_profile=row.default_profile,
             created_at=row.created_at,
+            allowed_apis=tuple(row.allowed_apis or ()),
         )
 
 
