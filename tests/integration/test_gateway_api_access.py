@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from sqlite_gateway import migrated, sqlite_gateway
 
-from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
-from bastion.db import migrate
+from bastion.bench.doubles import Stack
 from bastion.tenancy.tenants import TenancyError
 
 pytestmark = pytest.mark.integration
@@ -23,14 +23,12 @@ CHAT = {"model": "m1", "messages": [{"role": "user", "content": "a b"}], "max_to
 
 @pytest.fixture
 def database_url(sqlite_url: str) -> str:
-    migrate.upgrade(sqlite_url)
-    return sqlite_url
+    return migrated(sqlite_url)
 
 
 @pytest.fixture
 async def stack(tmp_path: Path, database_url: str) -> AsyncIterator[Stack]:
-    config = platform_config(str(tmp_path), database_url, ["m1"])
-    async with gateway_stack(config, ScriptedEngine(upstreams_for(["m1"]))) as s:
+    async with sqlite_gateway(tmp_path, database_url, ["m1"]) as s:
         yield s
 
 

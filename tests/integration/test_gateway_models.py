@@ -12,24 +12,21 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from sqlite_gateway import migrated, sqlite_gateway
 
-from bastion.bench.doubles import ScriptedEngine, Stack, gateway_stack, platform_config, upstreams_for
-from bastion.db import migrate
+from bastion.bench.doubles import Stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def database_url(sqlite_url: str) -> str:
-    migrate.upgrade(sqlite_url)  # sync: it runs a loop of its own
-    return sqlite_url
+    return migrated(sqlite_url)
 
 
 @pytest.fixture
 async def stack(tmp_path: Path, database_url: str) -> AsyncIterator[Stack]:
-    sqlite_url = database_url
-    config = platform_config(str(tmp_path), sqlite_url, ["m1", "m2"])
-    async with gateway_stack(config, ScriptedEngine(upstreams_for(["m1", "m2"]))) as s:
+    async with sqlite_gateway(tmp_path, database_url, ["m1", "m2"]) as s:
         yield s
 
 

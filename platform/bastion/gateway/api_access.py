@@ -6,7 +6,11 @@ from __future__ import annotations
 from bastion.gateway.errors import ApiError
 from bastion.tenancy.authenticator import Principal
 
-_API_OF_ENDPOINT = {"chat": "chat", "completion": "completions"}  # the engine's endpoint names → API names
+_API_OF_ENDPOINT = {
+    "chat": "chat",
+    "completion": "completions",
+    "messages": "messages",
+}  # the engine's endpoint names → API names
 
 
 def require_api(principal: Principal, endpoint: str) -> None:

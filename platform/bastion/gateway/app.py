@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.config.schema import PlatformConfig
 from bastion.config.token_files import bearer_matches
-from bastion.gateway import openapi, policy
+from bastion.gateway import anthropic, openapi, policy
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
 from bastion.telemetry import metrics as telemetry_metrics
@@ -166,6 +166,15 @@ def create_app(
         return await gateway.inference(request, "completion", _rid(request))
 
     add_inference_routes(app, chat, completions)
+
+    async def messages(request: Request) -> Response:
+        anthropic.with_api_key_as_bearer(request)
+        try:
+            return anthropic.anthropic_response(await gateway.inference(request, "messages", _rid(request)))
+        except ApiError as exc:  # raised before the service (a body over the limit, say)
+            return anthropic.anthropic_response(exc.response())
+
+    app.router.add_route("/v1/messages", messages, methods=["POST"], include_in_schema=False)
 
     def visible_models(principal: Principal) -> list[dict[str, object]]:
         """The names this key may use: each model and its `model@profile` aliases, as OpenAI model objects."""
