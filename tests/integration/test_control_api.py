@@ -91,6 +91,10 @@ def test_platform_admin_manages_tenants(users: dict[str, As], tenants: dict[str,
     assert made.status_code == 201 and made.json()["allowed_profiles"] == ["deep-context"]
     updated = pat.patch("/admin/api/tenants/initech", json={"default_profile": "deep-context"})
     assert updated.status_code == 200 and updated.json()["default_profile"] == "deep-context"
+    assert made.json()["allowed_apis"] == []  # every API
+    apis = pat.patch("/admin/api/tenants/initech", json={"allowed_apis": ["chat", "messages"]})
+    assert apis.status_code == 200 and apis.json()["allowed_apis"] == ["chat", "messages"]
+    assert pat.get("/admin/api/tenants/initech").json()["allowed_apis"] == ["chat", "messages"]
     assert pat.post("/admin/api/tenants/initech/suspend").json()["status"] == "suspended"
     assert pat.post("/admin/api/tenants/initech/resume").json()["status"] == "active"
     caps = {"requests_per_minute": 50, "daily_token_budget": 5000}
@@ -106,6 +110,8 @@ def test_bad_input_is_4xx_json(users: dict[str, As], tenants: dict[str, dict]) -
     error(pat.post("/admin/api/tenants", json={"name": ""}), 422, "invalid_value")
     error(pat.post("/admin/api/tenants", json={"name": "x", "surprise": 1}), 422, "invalid_value")
     error(pat.post("/admin/api/tenants", json={"name": "y", "allowed_profiles": ["nope"]}), 422)
+    error(pat.post("/admin/api/tenants", json={"name": "y", "allowed_apis": ["graphql"]}), 422, "invalid_value")
+    error(pat.patch("/admin/api/tenants/acme", json={"allowed_apis": ["nope"]}), 422, "invalid_value")
     error(pat.put("/admin/api/tenants/acme/limits", json={"requests_per_minute": 0}), 422)
     error(pat.post("/admin/api/tenants/acme/keys", json={"scopes": ["root"]}), 422)
     error(pat.get("/admin/api/tenants/no-such-tenant"), 404, "not_found")

@@ -18,7 +18,7 @@ from bastion.config.schema import ProfileConfig
 from bastion.records import RequestRecord
 
 log = logging.getLogger(__name__)
-_INFERENCE = {"chat", "completion"}
+_INFERENCE = {"chat", "completion", "messages"}
 
 
 class AuditRecorder:

@@ -35,6 +35,7 @@ def tenant_view(info: TenantInfo) -> dict[str, Any]:
     data = asdict(info)
     data["created_at"] = info.created_at.isoformat()
     data["allowed_models"], data["allowed_profiles"] = list(info.allowed_models), list(info.allowed_profiles)
+    data["allowed_apis"] = list(info.allowed_apis)
     return data
 
 

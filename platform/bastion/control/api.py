@@ -18,6 +18,7 @@ from bastion.control.deps import api_principal, context
 from bastion.control.errors import bad_request, not_found
 from bastion.control.principal import Principal
 from bastion.pool.catalog import PoolError
+from bastion.tenancy.apis import ApiName
 from bastion.tenancy.usage import acceptance_by_profile
 
 
@@ -67,6 +68,7 @@ class TenantCreate(Body):
     limits: LimitsConfig | None = None
     fair_share_weight: Weight = None
     log_content: bool = Field(default=False, description="store prompts and completions, encrypted, in the audit log")
+    allowed_apis: list[ApiName] = Field(default_factory=list, description="The APIs the tenant may use; empty: all")
 
 
 class TenantUpdate(Body):
@@ -77,6 +79,7 @@ class TenantUpdate(Body):
     fair_share_weight: Weight = None
     clear_fair_share_weight: bool = False
     log_content: bool | None = Field(default=None, description="store prompts and completions (encrypted) or stop")
+    allowed_apis: list[ApiName] | None = Field(default=None, description="The APIs the tenant may use; empty: all")
 
 
 class KeyCreate(Body):

@@ -73,6 +73,7 @@ class Tenant(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | suspended
     allowed_models: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty: every model
     allowed_profiles: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty: tenant defaults
+    allowed_apis: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")  # empty: every API
     default_profile: Mapped[str | None] = mapped_column(String(64))
     log_content: Mapped[bool] = mapped_column(Boolean, default=False)
     audit_strict: Mapped[bool] = mapped_column(Boolean, default=False)

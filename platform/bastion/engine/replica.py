@@ -24,7 +24,7 @@ from bastion.engine.tracing import ReplicaTracing, request_timings, split_trace
 from bastion.records import SpeculationStats
 
 log = logging.getLogger(__name__)
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "messages"]  # messages: Anthropic's, through vLLM's own layer
 _DONE = object()
 # Stream messages sooner than this after the previous one wait for those that follow (at most this long): fewer,
 # larger messages across each hop. The first token never waits (`coalesce`).
@@ -60,6 +60,7 @@ class EngineReplica:
         self.engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._messages: Any = None  # vLLM's AnthropicServingMessages
         self._tokenize: Any = None
         self._in_flight = 0
         self._draining = False
@@ -159,17 +160,20 @@ class EngineReplica:
         )
         renderer.warmup()
         common = {"online_renderer": renderer, "request_logger": None, "enable_per_request_metrics": True}
-        self._chat = OpenAIServingChat(
-            self.engine,
-            models,
-            "assistant",
-            chat_template=None,
-            chat_template_content_format="auto",
-            enable_auto_tools=tool_parser is not None,
-            tool_parser=tool_parser,
-            **common,
-        )
+        chat_like = {
+            "chat_template": None,
+            "chat_template_content_format": "auto",
+            "enable_auto_tools": tool_parser is not None,
+            "tool_parser": tool_parser,
+        }
+        self._chat = OpenAIServingChat(self.engine, models, "assistant", **chat_like, **common)
         self._completion = OpenAIServingCompletion(self.engine, models, **common)
+        from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+        # Anthropic's Messages: vLLM's layer over the same chat path (it takes no per-request metrics flag).
+        self._messages = AnthropicServingMessages(
+            self.engine, models, "assistant", **chat_like, online_renderer=renderer, request_logger=None
+        )
         self._tokenize = ServingTokenization(
             models, renderer, request_logger=None, chat_template=None, chat_template_content_format="auto"
         )
@@ -196,6 +200,10 @@ class EngineReplica:
     def _request(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
         if endpoint == "chat":
             from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as Request
+
+        elif endpoint == "messages":
+            from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest as Request
+
         else:
             from vllm.entrypoints.openai.completion.protocol import CompletionRequest as Request
         try:
@@ -203,15 +211,13 @@ class EngineReplica:
         except (ValueError, TypeError) as exc:
             raise _invalid(exc) from None
 
-    def _serving(self, endpoint: Endpoint) -> Any:
-        return self._chat if endpoint == "chat" else self._completion
-
     async def _call(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
         request = self._request(endpoint, body)
-        serving = self._serving(endpoint)
         if endpoint == "chat":
-            return await serving.create_chat_completion(request, None)
-        return await serving.create_completion(request, None)
+            return await self._chat.create_chat_completion(request, None)
+        if endpoint == "messages":
+            return await self._messages.create_messages(request, None)
+        return await self._completion.create_completion(request, None)
 
     @contextlib.contextmanager
     def _tracked(self):
@@ -294,6 +300,8 @@ class EngineReplica:
         """Prompt tokens as the chat template and tokenizer count them (vLLM's /tokenize logic)."""
         from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
 
+        if endpoint == "messages":
+            return await self._count_message_tokens(body)
         if endpoint == "chat":
             fields = {k: body[k] for k in ("messages", "tools", "add_generation_prompt") if k in body}
             request: Any = TokenizeChatRequest.model_validate({**fields, "model": self.spec.served_name})
@@ -305,6 +313,20 @@ class EngineReplica:
         if "error" in data:
             raise ValueError(data["error"]["message"])
         return int(data["count"])
+
+    async def _count_message_tokens(self, body: dict[str, Any]) -> int:
+        """An Anthropic body's prompt tokens: vLLM's own count_tokens (the chat template over the converted body)."""
+        from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest
+
+        fields = {k: body[k] for k in ("messages", "system", "tools", "tool_choice") if k in body}
+        try:
+            request = AnthropicCountTokensRequest.model_validate({**fields, "model": self.spec.served_name})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(str(_invalid(exc))) from None
+        data = (await self._messages.count_tokens(request, None)).model_dump()
+        if "error" in data:
+            raise ValueError(data["error"]["message"])
+        return int(data["input_tokens"])
 
     # --- statistics -----------------------------------------------------------------------------
 

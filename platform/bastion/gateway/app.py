@@ -22,12 +22,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.config.schema import PlatformConfig
 from bastion.config.token_files import bearer_matches
-from bastion.gateway import openapi, policy
+from bastion.gateway import anthropic, openapi, policy
 from bastion.gateway.errors import ApiError
 from bastion.gateway.service import GatewayService
 from bastion.telemetry import metrics as telemetry_metrics
 from bastion.telemetry.logging import request_id_var
 from bastion.telemetry.tracing import GatewayTracing
+from bastion.tenancy.authenticator import Principal
 
 log = logging.getLogger("bastion.gateway")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -166,9 +167,17 @@ def create_app(
 
     add_inference_routes(app, chat, completions)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        principal = await policy.authenticate(gateway.auth, request, "inference")
+    async def messages(request: Request) -> Response:
+        anthropic.with_api_key_as_bearer(request)
+        try:
+            return anthropic.anthropic_response(await gateway.inference(request, "messages", _rid(request)))
+        except ApiError as exc:  # raised before the service (a body over the limit, say)
+            return anthropic.anthropic_response(exc.response())
+
+    app.router.add_route("/v1/messages", messages, methods=["POST"], include_in_schema=False)
+
+    def visible_models(principal: Principal) -> list[dict[str, object]]:
+        """The names this key may use: each model and its `model@profile` aliases, as OpenAI model objects."""
         data: list[dict[str, object]] = []
         seen: set[str] = set()
         for up in engine_client.upstreams():
@@ -179,7 +188,21 @@ def create_app(
                 if name not in seen:
                     seen.add(name)
                     data.append({"id": name, "object": "model", "created": 0, "owned_by": "bastion"})
-        return JSONResponse({"object": "list", "data": data})
+        return data
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        principal = await policy.authenticate(gateway.auth, request, "inference")
+        return JSONResponse({"object": "list", "data": visible_models(principal)})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> Response:
+        """One model: a name the key may not use answers the same 404 as an unknown one (no existence probe)."""
+        principal = await policy.authenticate(gateway.auth, request, "inference")
+        found = next((m for m in visible_models(principal) if m["id"] == model_id), None)
+        if found is None:
+            raise ApiError(404, f"The model `{model_id}` does not exist", code="model_not_found", param="model")
+        return JSONResponse(found)
 
     @app.get("/v1/usage")
     async def usage(request: Request, period: str | None = None) -> Response:

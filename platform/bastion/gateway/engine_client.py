@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "messages"]
 
 
 @dataclass(frozen=True)

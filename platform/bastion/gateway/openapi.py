@@ -57,6 +57,16 @@ COMPLETION = {
         "usage": {"type": ["object", "null"]},
     },
 }
+MODEL = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
 MODEL_LIST = {
     "type": "object",
     "required": ["object", "data"],
@@ -64,16 +74,7 @@ MODEL_LIST = {
         "object": {"const": "list"},
         "data": {
             "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["id", "object", "created", "owned_by"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "object": {"const": "model"},
-                    "created": {"type": "integer"},
-                    "owned_by": {"type": "string"},
-                },
-            },
+            "items": MODEL,
         },
     },
 }
@@ -131,7 +132,13 @@ def document(example_model: str = "MODEL") -> dict[str, Any]:
     examples name `example_model` (the platform's first model)."""
     chat = {"model": example_model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
     text = {"model": example_model, "prompt": "Once upon a time", "max_tokens": 16}
-    components: dict[str, Any] = {"Error": ERROR, "Completion": COMPLETION, "ModelList": MODEL_LIST, "Usage": USAGE}
+    components: dict[str, Any] = {
+        "Error": ERROR,
+        "Completion": COMPLETION,
+        "ModelList": MODEL_LIST,
+        "Model": MODEL,
+        "Usage": USAGE,
+    }
     paths: dict[str, Any] = {
         "/v1/chat/completions": _inference(ChatCompletionRequest, components, "OpenAI chat completions", chat),
         "/v1/completions": _inference(CompletionRequest, components, "OpenAI text completions", text),
@@ -145,6 +152,20 @@ def document(example_model: str = "MODEL") -> dict[str, Any]:
                         "content": {"application/json": {"schema": {"$ref": _REF.format(model="ModelList")}}},
                     },
                     **_errors("401", "403", "429", "503"),
+                },
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model (or model@profile alias) this key may use; 404 for any other name",
+                "security": [{"bearer": []}],
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {
+                        "description": "The model",
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(model="Model")}}},
+                    },
+                    **_errors("401", "403", "404", "429", "503"),
                 },
             }
         },

@@ -17,7 +17,13 @@ from fastapi import Request
 from bastion.db.models import utcnow
 from bastion.gateway.engine_client import Endpoint
 from bastion.gateway.errors import ApiError
-from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, ValidationError, first_error
+from bastion.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    MessagesRequest,
+    ValidationError,
+    first_error,
+)
 from bastion.gateway.upstream_choice import Placement
 from bastion.records import SpeculationStats
 from bastion.routing.profiles import RoutingDecision
@@ -177,8 +183,15 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def validate(endpoint: Endpoint, body: dict[str, Any]) -> ChatCompletionRequest | CompletionRequest:
-    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+_BODIES: dict[str, type[ChatCompletionRequest | CompletionRequest | MessagesRequest]] = {
+    "chat": ChatCompletionRequest,
+    "completion": CompletionRequest,
+    "messages": MessagesRequest,
+}
+
+
+def validate(endpoint: Endpoint, body: dict[str, Any]) -> ChatCompletionRequest | CompletionRequest | MessagesRequest:
+    model = _BODIES[endpoint]
     try:
         return model.model_validate(body)
     except ValidationError as exc:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "ValidationError", "first_error"]
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "MessagesRequest", "ValidationError", "first_error"]
 
 
 class _Open(BaseModel):
@@ -62,6 +62,29 @@ class CompletionRequest(_Common):
 
     @property
     def completion_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class AnthropicMessage(_Open):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(_Open):
+    """Anthropic's Messages body (`/v1/messages`): what the gateway acts on; vLLM's layer validates the rest."""
+
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: StrictInt = Field(ge=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stream: StrictBool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    stream_options: None = None  # not Anthropic's: the relay reads usage from message_start/message_delta
+
+    @property
+    def completion_limit(self) -> int:
         return self.max_tokens
 
 

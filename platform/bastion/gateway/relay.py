@@ -34,6 +34,9 @@ def usage_of(body: dict[str, Any]) -> tuple[int | None, int | None, SpeculationS
     if isinstance(usage, dict):
         prompt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
         completion = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+        if prompt is None and completion is None:  # Anthropic's Messages body
+            prompt = usage.get("input_tokens") if isinstance(usage.get("input_tokens"), int) else None
+            completion = usage.get("output_tokens") if isinstance(usage.get("output_tokens"), int) else None
     metrics = body.get("metrics")
     spec = (
         SpeculationStats.from_response_metrics(metrics.get("speculative_decoding"))

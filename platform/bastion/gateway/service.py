@@ -19,7 +19,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bastion.background import stop_task
-from bastion.gateway import policy
+from bastion.gateway import anthropic, policy
+from bastion.gateway.api_access import require_api
 from bastion.gateway.engine_client import Endpoint, EngineClient, UpstreamInfo, UpstreamUnavailable, notice_replica
 from bastion.gateway.errors import ApiError, is_error_body
 from bastion.gateway.policy import RequestContext
@@ -174,6 +175,7 @@ class GatewayService:
         policy.check_declared_size(request, self.max_body_bytes)
         with _step(ctx, "authenticate"):
             principal = ctx.principal = await policy.authenticate(self.auth, request, "inference", ctx)
+        require_api(principal, endpoint)
         ctx.session_id = policy.session_id(request)
         body = await policy.read_json(request, self.max_body_bytes)
         parsed = policy.validate(endpoint, body)
@@ -309,13 +311,14 @@ class GatewayService:
         self, ctx: RequestContext, events: AsyncIterator[str], first: str | None, tally: StreamTally, keep: bool
     ) -> AsyncIterator[str]:
         detached = False
+        inspect = anthropic.inspect_chunk if ctx.endpoint == "messages" else inspect_chunk
         try:
             if first is not None:
-                out = inspect_chunk(first, tally, keep)
+                out = inspect(first, tally, keep)
                 if out is not None:
                     yield out
                 async for event in events:
-                    out = inspect_chunk(event, tally, keep)
+                    out = inspect(event, tally, keep)
                     if out is not None:
                         yield out
         except (asyncio.CancelledError, GeneratorExit):

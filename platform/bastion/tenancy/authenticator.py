@@ -52,9 +52,13 @@ class Principal:
     key_limits: LimitsConfig | None
     fair_share_weight: float | None = None  # the tenant record's; None: the platform file's, else 1
     log_content: bool = False  # the tenant opted in to encrypted prompt and completion logging
+    allowed_apis: frozenset[str] = frozenset()  # empty: every API (tenancy/apis.py)
 
     def may_use_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
+
+    def may_use_api(self, api: str) -> bool:
+        return not self.allowed_apis or api in self.allowed_apis
 
 
 class AuthFailure(Exception):
@@ -213,6 +217,7 @@ class Authenticator:
             key_limits=limits_of(by_key.get(key.id)),
             fair_share_weight=tenant.fair_share_weight,
             log_content=bool(tenant.log_content),
+            allowed_apis=frozenset(tenant.allowed_apis or ()),
         )
         return _Entry(key.secret_hash, _ts(key.expires_at), _ts(key.revoked_at), principal)
 

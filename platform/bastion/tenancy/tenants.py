@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bastion.config.schema import LimitsConfig, weight_problem
 from bastion.db.models import Limit, Tenant
 from bastion.errors import BastionError
+from bastion.tenancy.apis import APIS, unknown_apis
 from bastion.tenancy.views import TenantInfo, limits_of
 
 ACTIVE = "active"
@@ -42,10 +43,12 @@ class TenantService:
         limits: LimitsConfig | None = None,
         fair_share_weight: float | None = None,
         log_content: bool = False,
+        allowed_apis: Sequence[str] = (),
     ) -> TenantInfo:
         if not name or len(name) > 64:
             raise TenancyError("a tenant name has 1 to 64 characters")
         _check_weight(fair_share_weight)
+        _check_apis(allowed_apis)
         if default_profile is not None and allowed_profiles and default_profile not in allowed_profiles:
             raise TenancyError(f"default profile {default_profile!r} is not among the allowed profiles")
         async with self._sessions() as session:
@@ -60,6 +63,7 @@ class TenantService:
                 default_profile=default_profile,
                 fair_share_weight=fair_share_weight,
                 log_content=log_content,
+                allowed_apis=list(allowed_apis),
             )
             session.add(row)
             await session.flush()
@@ -79,13 +83,17 @@ class TenantService:
         fair_share_weight: float | None = None,
         clear_fair_share_weight: bool = False,
         log_content: bool | None = None,
+        allowed_apis: Sequence[str] | None = None,
     ) -> TenantInfo:
         """Change what is given (None: unchanged); `clear_*` sets the field back to the platform's default."""
         _check_weight(fair_share_weight)
         if fair_share_weight is not None and clear_fair_share_weight:
             raise TenancyError("give fair_share_weight or clear_fair_share_weight, not both")
+        _check_apis(allowed_apis or ())
         async with self._sessions() as session:
             row = await find_tenant(session, ref)
+            if allowed_apis is not None:
+                row.allowed_apis = list(allowed_apis)
             if allowed_models is not None:
                 row.allowed_models = list(allowed_models)
             if allowed_profiles is not None:
@@ -156,3 +164,8 @@ def _check_weight(weight: float | None) -> None:
 
 def _key_is(key_id: str | None):
     return Limit.key_id.is_(None) if key_id is None else Limit.key_id == key_id
+
+
+def _check_apis(names: Sequence[str]) -> None:
+    if unknown := unknown_apis(names):
+        raise TenancyError(f"unknown API {unknown[0]!r}; the APIs are {', '.join(APIS)}")

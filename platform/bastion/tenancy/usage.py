@@ -41,7 +41,11 @@ class UsageRecorder:
         self._keys: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (key, period) → [requests, tokens]
 
     def record(self, record: RequestRecord) -> None:
-        if record.tenant_id is None or record.model is None or record.endpoint not in ("chat", "completion"):
+        if (
+            record.tenant_id is None
+            or record.model is None
+            or record.endpoint not in ("chat", "completion", "messages")
+        ):
             return
         profile = record.profile or ""
         for period in (day_period(record.started_at), month_period(record.started_at)):

@@ -20,6 +20,7 @@ class TenantInfo:
     created_at: datetime
     fair_share_weight: float | None = None  # None: the platform file's `gateway.tenant_weights`, else 1
     log_content: bool = False  # prompts and completions stored, encrypted, in the audit log (docs/audit.md)
+    allowed_apis: tuple[str, ...] = ()  # empty: every API (tenancy/apis.py)
 
     @classmethod
     def of(cls, row: Tenant) -> TenantInfo:
@@ -33,6 +34,7 @@ class TenantInfo:
             created_at=row.created_at,
             fair_share_weight=row.fair_share_weight,
             log_content=bool(row.log_content),
+            allowed_apis=tuple(row.allowed_apis or ()),
         )
 
 
