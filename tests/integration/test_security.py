@@ -277,19 +277,33 @@ async def test_every_gateway_route_keeps_tenants_apart(tmp_path: Path, pg: str) 
                 "tenant"
             ] == a  # no parameter selects another tenant
 
+        async def one_model(_path: str) -> None:
+            mine = await stack.client.get("/v1/models/m1", headers=auth[key_a])
+            assert mine.status_code == 200 and mine.json()["id"] == "m1", mine.text
+            theirs = await stack.client.get("/v1/models/m2", headers=auth[key_a])  # same 404 as an unknown name
+            assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "model_not_found", theirs.text
+
+        async def messages(path: str) -> None:
+            body = {"model": "m2", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+            answer = await stack.client.post(path, json=body, headers={"x-api-key": key_a})
+            assert answer.status_code == 403 and answer.json()["type"] == "error", answer.text
+            assert answer.json()["error"]["type"] == "permission_error"
+
         async def healthz(_path: str) -> None:
             assert (await stack.client.get("/healthz")).json() == {"status": "ok"}  # no tenant data at all
 
         checks = {  # usage first: A's own refused tries at m2 below are (rightly) counted in A's usage
             "/v1/usage": usage,
             "/v1/models": models,
+            "/v1/models/{model}": one_model,
+            "/v1/messages": messages,
             "/healthz": healthz,
             "/v1/chat/completions": completions,
             "/v1/completions": completions,
         }
         documented = set(document()["paths"])
         assert documented == set(checks), f"routes without a cross-tenant check: {documented - set(checks)}"
-        served = {r.path for r in stack.app.routes if getattr(r, "path", "").startswith("/v1/")}
+        served = {r.path.replace(":path}", "}") for r in stack.app.routes if getattr(r, "path", "").startswith("/v1/")}
         assert served <= documented, f"served but not documented: {served - documented}"
         for path, check in checks.items():
             await check(path)

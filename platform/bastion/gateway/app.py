@@ -195,13 +195,13 @@ def create_app(
         principal = await policy.authenticate(gateway.auth, request, "inference")
         return JSONResponse({"object": "list", "data": visible_models(principal)})
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(request: Request, model_id: str) -> Response:
+    @app.get("/v1/models/{model:path}")  # `:path`: a model name may hold a slash (org/name)
+    async def model(request: Request, model: str) -> Response:
         """One model: a name the key may not use answers the same 404 as an unknown one (no existence probe)."""
         principal = await policy.authenticate(gateway.auth, request, "inference")
-        found = next((m for m in visible_models(principal) if m["id"] == model_id), None)
+        found = next((m for m in visible_models(principal) if m["id"] == model), None)
         if found is None:
-            raise ApiError(404, f"The model `{model_id}` does not exist", code="model_not_found", param="model")
+            raise ApiError(404, f"The model `{model}` does not exist", code="model_not_found", param="model")
         return JSONResponse(found)
 
     @app.get("/v1/usage")

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from bastion.gateway.protocol import ChatCompletionRequest, CompletionRequest, MessagesRequest
 
 _REF = "#/components/schemas/{model}"
 _ERROR_STATUSES = {
@@ -78,6 +78,18 @@ MODEL_LIST = {
         },
     },
 }
+ANTHROPIC_ERROR = {  # gateway/anthropic.py: every answer of /v1/messages that is an error has this shape
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
 USAGE = {
     "type": "object",
     "required": ["object", "tenant", "data"],
@@ -89,10 +101,10 @@ USAGE = {
 }
 
 
-def _errors(*statuses: str) -> dict[str, Any]:
+def _errors(*statuses: str, model: str = "Error") -> dict[str, Any]:
     table = {**_ERROR_STATUSES, **_ENGINE_STATUSES}
     return {
-        s: {"description": table[s], "content": {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}}}
+        s: {"description": table[s], "content": {"application/json": {"schema": {"$ref": _REF.format(model=model)}}}}
         for s in statuses
     }
 
@@ -105,13 +117,18 @@ def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any
 
 
 def _inference(
-    model: type[BaseModel], components: dict[str, Any], summary: str, example: dict[str, Any]
+    model: type[BaseModel],
+    components: dict[str, Any],
+    summary: str,
+    example: dict[str, Any],
+    error: str = "Error",
+    security: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     body = {"schema": _schema(model, components), "example": example}
     return {
         "post": {
             "summary": summary,
-            "security": [{"bearer": []}],
+            "security": security or [{"bearer": []}],
             "requestBody": {"required": True, "content": {"application/json": body}},
             "responses": {
                 "200": {
@@ -121,7 +138,7 @@ def _inference(
                         "text/event-stream": {"schema": {"type": "string"}},
                     },
                 },
-                **_errors(*_ERROR_STATUSES, *_ENGINE_STATUSES),
+                **_errors(*_ERROR_STATUSES, *_ENGINE_STATUSES, model=error),
             },
         }
     }
@@ -138,10 +155,20 @@ def document(example_model: str = "MODEL") -> dict[str, Any]:
         "ModelList": MODEL_LIST,
         "Model": MODEL,
         "Usage": USAGE,
+        "AnthropicError": ANTHROPIC_ERROR,
     }
+    messages = {"model": example_model, "max_tokens": 16, "messages": [{"role": "user", "content": "Hello"}]}
     paths: dict[str, Any] = {
         "/v1/chat/completions": _inference(ChatCompletionRequest, components, "OpenAI chat completions", chat),
         "/v1/completions": _inference(CompletionRequest, components, "OpenAI text completions", text),
+        "/v1/messages": _inference(
+            MessagesRequest,
+            components,
+            "Anthropic Messages (the key as `x-api-key` or a bearer token); errors in Anthropic's shape",
+            messages,
+            error="AnthropicError",
+            security=[{"bearer": []}, {"apiKey": []}],
+        ),
         "/v1/models": {
             "get": {
                 "summary": "The models (and model@profile aliases) this key may use",
@@ -216,6 +243,9 @@ def document(example_model: str = "MODEL") -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "bst_... API key"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "bst_... API key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "bst_... API key"},
+            },
         },
     }
