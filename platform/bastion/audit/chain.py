@@ -21,6 +21,7 @@ from bastion.audit.events import canonical_json, format_time
 
 GENESIS = "0" * 64
 RAW_PAYLOAD = "_payload_text"  # a row read for verification: the payload column's stored text, not yet parsed
+SEALED_PAYLOAD = "_payload_sealed"  # a sealed row: the canonical payload text it was hashed with (for the insert)
 SYSTEM_TENANT = "-"  # chain suffix for events without a tenant (admin actions, unknown-key failures)
 
 
@@ -117,6 +118,11 @@ class ChainHead:
         row["chain_id"] = self.chain_id
         row["sequence"] = self.sequence + 1
         row["prev_hash"] = self.hash
-        row["hash"] = row_hash(self.hash, row)  # may raise (unserializable payload): the head is untouched then
+        row.pop(RAW_PAYLOAD, None)
+        if isinstance(row.get("payload"), dict):  # encoded once: hashed here, and inserted as is when ASCII
+            row[RAW_PAYLOAD] = _ENCODE_PAYLOAD(row["payload"])  # may raise: the head is untouched then
+        row["hash"] = row_hash(self.hash, row)
+        if RAW_PAYLOAD in row:  # not left where a later change of the payload would be hashed with stale text
+            row[SEALED_PAYLOAD] = row.pop(RAW_PAYLOAD)
         self.sequence, self.hash = row["sequence"], row["hash"]
         return row

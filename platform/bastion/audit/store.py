@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from bastion.audit.chain import SEALED_PAYLOAD
 from bastion.audit.events import format_time, parse_time
 from bastion.db.models import AuditAnchor, AuditCheckpoint, AuditEvent, AuditRecord
 from bastion.db.session import create_engine
@@ -45,6 +46,12 @@ _PG_INSERT = (  # the columns of ROW_COLUMNS, in that order
 
 # Sorted keys: for an ASCII payload the stored text is then its canonical form, which verification hashes as is.
 _PAYLOAD = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _payload_text(row: dict[str, Any]) -> str:
+    """The sealed row's canonical payload text when it is ASCII (then it is exactly what _PAYLOAD writes)."""
+    text = row.get(SEALED_PAYLOAD)
+    return text if text is not None and text.isascii() else _PAYLOAD.encode(row["payload"])
 
 
 def _insert(dialect: str, table: Any):  # -> a dialect Insert with ON CONFLICT support
@@ -116,7 +123,7 @@ async def _insert_rows(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) ->
         # asyncpg's own executemany: about twice SQLAlchemy's rate, and atomic (all rows or none).
         raw = (await conn.get_raw_connection()).driver_connection
         # ASCII-escaped JSON text: a NUL or odd code point inside a string cannot make PostgreSQL refuse the row.
-        values = [(*(r[c] for c in ROW_COLUMNS[:9]), _PAYLOAD.encode(r["payload"]), r["content"]) for r in rows]
+        values = [(*(r[c] for c in ROW_COLUMNS[:9]), _payload_text(r), r["content"]) for r in rows]
         await raw.executemany(_PG_INSERT, values)
         return
     await conn.execute(EVENTS.insert(), [{c: r.get(c) for c in ROW_COLUMNS} for r in rows])
