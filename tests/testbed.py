@@ -35,7 +35,7 @@ def engine_test_config(tmp_dir: Path, dtype: str = "float32", otlp_endpoint: str
     """A platform file for the tests: float32 (so greedy output with and without speculation match)."""
     import yaml
 
-    from bastion.audit.signing import keygen
+    from bastion.audit.signing import Verifier, keygen
 
     text = (ROOT / "deploy/local/bastion.yaml").read_text()
     data = yaml.safe_load(text)
@@ -43,7 +43,11 @@ def engine_test_config(tmp_dir: Path, dtype: str = "float32", otlp_endpoint: str
     data["database"]["url"] = f"sqlite+aiosqlite:///{tmp_dir / 'bastion.db'}"
     data["models"][0]["dtype"] = dtype
     keys = keygen(tmp_dir / "audit-keys")
-    data["audit"] = {"signing_key_file": str(keys["private"]), "content_key_file": str(keys["content"])}
+    data["audit"] = {
+        "signing_key_file": str(keys["private"]),
+        "content_key_file": str(keys["content"]),
+        "trusted_key_fingerprints": [Verifier.from_file(keys["public"]).fingerprint],  # what `verify` trusts
+    }
     if otlp_endpoint:
         data["telemetry"] = {"otlp_endpoint": otlp_endpoint}
     path = tmp_dir / "platform.yaml"
