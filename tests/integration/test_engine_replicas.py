@@ -163,8 +163,13 @@ def _counters(stats: dict[str, Any]) -> dict[str, Any]:
 async def test_the_speculating_replica_passed_its_guard_before_ready(engine_handles: dict) -> None:
     fast = await engine_handles["fast-agentic"].stats.remote()
     assert fast["routable"] is True
-    assert fast["guard"]["state"] == "ok" and fast["guard"]["trigger"] == "start", fast["guard"]
-    assert fast["guard"]["greedy_match"] >= 0.8
+    # Ready only after the start check passed (test_speculation_guard.py shows a failing one keeps it out); by now
+    # later rounds may have run (every guard_interval_s, after guard_after_sampled_requests sampled requests, or on
+    # a live alarm; the session's earlier tests send sampled requests): every one passed.
+    guard = fast["guard"]
+    assert guard["state"] == "ok" and guard["failures"] == 0 and guard["checks"] >= 1, guard
+    assert guard["trigger"] in ("start", "interval", "requests", "live"), guard
+    assert guard["greedy_match"] >= 0.8
     metrics = await engine_handles["fast-agentic"].metrics.remote()
     assert 'bastion_speculation_guard_ok{model="smollm2-135m",profile="fast-agentic"} 1' in metrics
     deep = await engine_handles["deep-context"].stats.remote()
